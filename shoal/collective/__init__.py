@@ -1,0 +1,1 @@
+"""Collective communication: Gloo and NCCL process groups and parallel strategies (arrives with the collectives issue)."""

@@ -1,0 +1,222 @@
+"""The array backend ABC: `xp` plus fused kernels, written once over `xp`.
+
+A backend is numpy or cupy seen through one interface. Generic bodies here use
+only the array API the two share; a backend overrides a kernel where its
+library offers something faster (cupy: fused elementwise kernels).
+"""
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any
+
+import numpy as np
+
+from shoal.kernels._errors import KernelShapeError
+
+
+class Backend(ABC):
+    """An array library (`xp`) and the fused kernels the engine and the PS use.
+
+    All optimizer updates are in place on the arrays given and return None.
+    Hyperparameters are Python floats so that float32 arrays stay float32.
+    """
+
+    name: str = ""
+    requirement: str = ""  # what it takes to make available() true, for error messages
+
+    def __init__(self) -> None:
+        self._rng = None
+
+    # -- identity ------------------------------------------------------------
+    @classmethod
+    @abstractmethod
+    def available(cls) -> bool:
+        """Whether this backend can run on this machine."""
+
+    @property
+    @abstractmethod
+    def xp(self) -> Any:
+        """The array module (numpy or cupy)."""
+
+    @abstractmethod
+    def array_types(self) -> tuple[type, ...]:
+        """The array classes this backend owns."""
+
+    @abstractmethod
+    def to_numpy(self, a) -> np.ndarray:
+        """A host copy (or view, for numpy) of `a`."""
+
+    def asarray(self, a, dtype=None):
+        """`a` as an array of this backend (no copy when it already is one)."""
+        return self.xp.asarray(a, dtype=dtype)
+
+    # -- random numbers ------------------------------------------------------
+    @abstractmethod
+    def _make_rng(self, seed: int | None):
+        """A fresh generator of this backend seeded with `seed`."""
+
+    def seed(self, seed: int | None) -> None:
+        """Reseed this backend's generator (used by dropout and initializers)."""
+        self._rng = self._make_rng(seed)
+
+    @property
+    def rng(self):
+        if self._rng is None:
+            self._rng = self._make_rng(None)
+        return self._rng
+
+    def uniform(self, shape, low: float = 0.0, high: float = 1.0, dtype="float32"):
+        return self.rng.uniform(low, high, size=shape).astype(dtype, copy=False)
+
+    def normal(self, shape, mean: float = 0.0, std: float = 1.0, dtype="float32"):
+        return self.rng.normal(mean, std, size=shape).astype(dtype, copy=False)
+
+    # -- rows of tables ------------------------------------------------------
+    def unique(self, keys):
+        """(sorted unique keys, inverse) with ``uniq[inverse] == keys``."""
+        return self.xp.unique(keys, return_inverse=True)
+
+    def segment_sum(self, keys, rows):
+        """Merge rows that share a key: (sorted unique keys, summed rows).
+
+        `keys` is 1-D with one entry per row of `rows` (any trailing shape).
+        """
+        xp = self.xp
+        _check_rows(keys, rows, "segment_sum")
+        if keys.shape[0] == 0:
+            return keys.copy(), rows.copy()
+        order = xp.argsort(keys, kind="stable")
+        sorted_keys = keys[order]
+        is_start = xp.empty(sorted_keys.shape[0], dtype=bool)
+        is_start[0] = True
+        xp.not_equal(sorted_keys[1:], sorted_keys[:-1], out=is_start[1:])
+        starts = xp.flatnonzero(is_start)
+        return sorted_keys[starts], self._reduce_sorted(rows[order], starts)
+
+    def _reduce_sorted(self, sorted_rows, starts):
+        return self.xp.add.reduceat(sorted_rows, starts, axis=0)
+
+    def gather_rows(self, table, idx):
+        """``table[idx]`` for row indices `idx` (any shape), as a new array."""
+        return self.xp.take(table, idx, axis=0)
+
+    def scatter_add_rows(self, table, idx, rows) -> None:
+        """``table[idx] += rows`` in place, adding every duplicate of an index."""
+        idx = idx.reshape(-1)
+        rows = rows.reshape((idx.shape[0],) + table.shape[1:])
+        uniq, summed = self.segment_sum(idx, rows)
+        table[uniq] += summed
+
+    def index_add_(self, target, index, values) -> None:
+        """``target[index] += values`` in place for any numpy-style index, duplicates adding."""
+        self.xp.add.at(target, index, values)
+
+    # -- optimizer updates (dense, in place) ---------------------------------
+    def sgd_(self, param, grad, lr: float) -> None:
+        param -= lr * grad
+
+    def momentum_(self, param, grad, velocity, lr: float, momentum: float,
+                  nesterov: bool = False) -> None:
+        velocity *= momentum
+        velocity += grad
+        if nesterov:
+            param -= lr * (grad + momentum * velocity)
+        else:
+            param -= lr * velocity
+
+    def adam_(self, param, grad, m, v, lr: float, beta1: float, beta2: float,
+              eps: float, step: int, weight_decay: float = 0.0) -> None:
+        """Adam; a non-zero `weight_decay` is decoupled (AdamW)."""
+        xp = self.xp
+        if weight_decay:
+            param *= 1.0 - lr * weight_decay
+        m *= beta1
+        m += (1.0 - beta1) * grad
+        v *= beta2
+        sq = grad * grad
+        sq *= 1.0 - beta2
+        v += sq
+        bias1 = 1.0 - beta1 ** step
+        bias2 = 1.0 - beta2 ** step
+        denom = xp.sqrt(v, out=sq)
+        denom *= 1.0 / math.sqrt(bias2)
+        denom += eps
+        xp.divide(m, denom, out=denom)
+        denom *= lr / bias1
+        param -= denom
+
+    def adagrad_(self, param, grad, moment, lr: float, eps: float) -> None:
+        xp = self.xp
+        moment += grad * grad
+        denom = xp.sqrt(moment)
+        denom += eps
+        xp.divide(grad, denom, out=denom)
+        denom *= lr
+        param -= denom
+
+    def _norm(self, a):
+        xp = self.xp
+        return xp.sqrt(xp.sum(a * a))
+
+    def _trust(self, num, den, ratio):
+        """`ratio` where both norms are positive, else 1 (a 0-d array, no sync)."""
+        return self.xp.where((num > 0) & (den > 0), ratio, 1.0)
+
+    def lamb_(self, param, grad, m, v, lr: float, beta1: float, beta2: float,
+              eps: float, step: int, weight_decay: float) -> None:
+        """LAMB: the Adam direction plus decay, scaled by ||param|| / ||update||."""
+        xp = self.xp
+        m *= beta1
+        m += (1.0 - beta1) * grad
+        v *= beta2
+        v += (1.0 - beta2) * (grad * grad)
+        bias1 = 1.0 - beta1 ** step
+        bias2 = 1.0 - beta2 ** step
+        update = xp.sqrt(v * (1.0 / bias2))
+        update += eps
+        xp.divide(m * (1.0 / bias1), update, out=update)
+        if weight_decay:
+            update += weight_decay * param
+        p_norm = self._norm(param)
+        u_norm = self._norm(update)
+        trust = self._trust(p_norm, u_norm, p_norm / xp.maximum(u_norm, 1e-30))
+        update *= lr * trust
+        param -= update
+
+    def lars_(self, param, grad, velocity, lr: float, momentum: float,
+              lars_coeff: float, weight_decay: float, eps: float) -> None:
+        """LARS momentum: a layer-wise lr of coeff * ||p|| / (||g|| + wd ||p|| + eps)."""
+        xp = self.xp
+        p_norm = self._norm(param)
+        g_norm = self._norm(grad)
+        ratio = lars_coeff * p_norm / xp.maximum(g_norm + weight_decay * p_norm + eps, 1e-30)
+        local_lr = lr * self._trust(p_norm, g_norm, ratio)
+        velocity *= momentum
+        step = grad + weight_decay * param if weight_decay else grad.copy()
+        step *= local_lr
+        velocity += step
+        param -= velocity
+
+    # -- sparse (row-wise) updates -------------------------------------------
+    def rows_update_(self, kernel: str, param, ids, grad_rows, *states, **hparams) -> None:
+        """Run the dense update `kernel` on the rows `ids` of `param` and `states` only.
+
+        `ids` must be unique (merge duplicates with `segment_sum` first). Rows
+        not named are left untouched (lazy update, as for embedding tables).
+        """
+        _check_rows(ids, grad_rows, kernel)
+        p_rows = self.gather_rows(param, ids)
+        s_rows = [self.gather_rows(s, ids) for s in states]
+        getattr(self, kernel)(p_rows, grad_rows, *s_rows, **hparams)
+        param[ids] = p_rows
+        for s, r in zip(states, s_rows):
+            s[ids] = r
+
+
+def _check_rows(keys, rows, where: str) -> None:
+    if keys.ndim != 1 or rows.ndim < 1 or rows.shape[0] != keys.shape[0]:
+        raise KernelShapeError(
+            f"{where}: keys must be 1-D with one entry per row, got keys of shape "
+            f"{tuple(keys.shape)} and rows of shape {tuple(rows.shape)}; flatten the "
+            f"keys and reshape rows to (len(keys), ...)")

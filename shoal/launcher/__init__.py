@@ -1,0 +1,1 @@
+"""fleetrun: the launcher of servers and workers, locally and on Ray (arrives with the launcher issue)."""

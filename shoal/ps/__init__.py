@@ -1,0 +1,1 @@
+"""Parameter servers: sharded dense and sparse tables, RPC, communicator (arrives with the PS core issue)."""

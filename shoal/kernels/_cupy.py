@@ -73,7 +73,9 @@ class CupyBackend(Backend):
         # cupy has no ufunc.reduceat: label each row with its segment and scatter-add.
         cp = _cupy()
         import cupyx
-        seg = cp.cumsum(cp.isin(cp.arange(sorted_rows.shape[0]), starts)) - 1
+        seg = cp.zeros(sorted_rows.shape[0], dtype=cp.int64)
+        seg[starts[1:]] = 1
+        seg = cp.cumsum(seg)
         out = cp.zeros((starts.shape[0],) + sorted_rows.shape[1:], dtype=sorted_rows.dtype)
         cupyx.scatter_add(out, seg, sorted_rows)
         return out

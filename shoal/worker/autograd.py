@@ -68,10 +68,15 @@ class Function:
 
     `apply(*tensors, **attrs)` runs forward on the tensors' arrays and, when
     grad mode is on and an input requires grad, links the output to this node.
+    The node's edges point at its inputs' nodes as they were when it ran (the
+    input's Function, or the input itself for a leaf), so an input that is
+    later assigned in place keeps its earlier gradient path.
     """
 
-    parents: tuple
     needs_grad: tuple
+    edges: tuple
+    out_shape: tuple
+    released = False
 
     def forward(self, *arrays, **attrs):
         raise NotImplementedError
@@ -83,24 +88,23 @@ class Function:
     def apply(cls, *parents, **attrs):
         from shoal.worker.tensor import Tensor
         ctx = cls()
-        ctx.parents = parents
         ctx.needs_grad = needs = tuple(p.requires_grad for p in parents)
         out = ctx.forward(*[p.data for p in parents], **attrs)
         if isinstance(out, np.generic):  # numpy reductions return scalars, not 0-d arrays
             out = np.asarray(out)
         if True in needs and is_grad_enabled():
+            ctx.edges = tuple(p if p._ctx is None else p._ctx for p in parents)
+            ctx.out_shape = tuple(out.shape)
             return Tensor._make(out, True, ctx)
         return Tensor._make(out, False, None)
 
+    def release(self) -> None:
+        """Free what forward saved; a later backward through this node raises."""
+        vars(self).clear()
+        self.released = True
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} node>"
-
-
-class _Released:
-    """Marks a node whose saved arrays were freed by a backward pass."""
-
-
-RELEASED = _Released()
 
 
 def accumulate(a, b):
@@ -112,54 +116,57 @@ def accumulate(a, b):
     return a + b
 
 
-def _toposort(root) -> list:
-    order, seen = [], {id(root)}
-    stack = [(root, False)]
+def _toposort(start) -> list:
+    """Nodes reachable from `start` (Functions and leaf tensors), inputs before users."""
+    order, seen = [], {id(start)}
+    stack = [(start, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
             order.append(node)
             continue
         stack.append((node, True))
-        ctx = node._ctx
-        if ctx is None:
+        if not isinstance(node, Function):
             continue
-        if ctx is RELEASED:
+        if node.released:
             raise GradError(
                 "backward() through a graph that an earlier backward() already freed; "
                 "pass retain_graph=True to the first backward() to run it twice")
-        for p in ctx.parents:
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                stack.append((p, False))
+        for edge, need in zip(node.edges, node.needs_grad):
+            if need and id(edge) not in seen:
+                seen.add(id(edge))
+                stack.append((edge, False))
     return order
 
 
-def _shape_of(g):
-    return tuple(g.shape)
+def _describe(node) -> str:
+    if isinstance(node, Function):
+        return f"the output of {type(node).__name__}"
+    return f"tensor {node.name or ''}".rstrip()
 
 
 def run_backward(root, grad, retain_graph: bool) -> None:
     """Propagate `grad` from `root` to every leaf that requires grad (accumulating)."""
-    grads = {id(root): grad}
-    for node in reversed(_toposort(root)):
+    start = root if root._ctx is None else root._ctx
+    grads = {id(start): grad}
+    for node in reversed(_toposort(start)):
         g = grads.pop(id(node), None)
         if g is None:
             continue
-        ctx = node._ctx
-        if ctx is None:
+        if not isinstance(node, Function):
             node._accumulate_grad(g)
             continue
-        in_grads = ctx.backward(g)
+        in_grads = node.backward(g)
         if not isinstance(in_grads, tuple):
             in_grads = (in_grads,)
-        for p, pg, need in zip(ctx.parents, in_grads, ctx.needs_grad):
+        for edge, pg, need in zip(node.edges, in_grads, node.needs_grad):
             if pg is None or not need:
                 continue
-            if _shape_of(pg) != p.shape:
+            want = edge.out_shape if isinstance(edge, Function) else edge.shape
+            if tuple(pg.shape) != want:
                 raise ShapeError(
-                    f"{type(ctx).__name__}.backward: grad shape {_shape_of(pg)} != "
-                    f"{p.shape} of its input {p.name or ''} (a bug in that op)")
-            grads[id(p)] = accumulate(grads.get(id(p)), pg)
+                    f"{type(node).__name__}.backward: grad shape {tuple(pg.shape)} != {want} "
+                    f"of its input, {_describe(edge)} (a bug in that op)")
+            grads[id(edge)] = accumulate(grads.get(id(edge)), pg)
         if not retain_graph:
-            node._ctx = RELEASED
+            node.release()

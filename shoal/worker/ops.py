@@ -11,7 +11,7 @@ import numpy as np
 
 from shoal.kernels import backend_of
 from shoal.worker.autograd import Function
-from shoal.worker.errors import DTypeError, ShapeError
+from shoal.worker.errors import DTypeError, IndexRangeError, ShapeError
 from shoal.worker.tensor import Tensor, get_default_dtype
 
 
@@ -29,22 +29,33 @@ def lift(x, like: Tensor | None = None) -> Tensor:
         if isinstance(x, float) and dt.kind != "f":
             dt = get_default_dtype()
         return Tensor._make(backend_of(like.data).xp.asarray(x, dtype=dt))
-    backend = None if like is None else like.backend.name
-    return Tensor(x, backend=backend)
+    if like is None:
+        return Tensor(x)
+    kind = getattr(getattr(x, "dtype", None), "kind", None)
+    dtype = like.dtype if kind == "f" and like.dtype.kind == "f" else None
+    return Tensor(x, dtype=dtype, backend=like.backend.name)
 
 
 def _pair(op: str, a, b) -> tuple[Tensor, Tensor]:
     a = lift(a, b if isinstance(b, Tensor) else None)
     b = lift(b, a)
     if a.dtype != b.dtype:
-        if a.ndim == 0 and a._ctx is None and not a.requires_grad:
+        if a.dtype.kind != "f" and b.dtype.kind == "f" and _is_constant_scalar(b):
+            a = cast(a, b.dtype)  # int tensor with a Python float: the float dtype wins
+        elif b.dtype.kind != "f" and a.dtype.kind == "f" and _is_constant_scalar(a):
+            b = cast(b, a.dtype)
+        elif _is_constant_scalar(a):
             a = Tensor._make(a.data.astype(b.dtype))
-        elif b.ndim == 0 and b._ctx is None and not b.requires_grad:
+        elif _is_constant_scalar(b):
             b = Tensor._make(b.data.astype(a.dtype))
         else:
             raise DTypeError(f"{op}: operands have dtypes {a.dtype} and {b.dtype} (shapes "
                              f"{a.shape} and {b.shape}); cast one with .astype('{a.dtype}')")
     return a, b
+
+
+def _is_constant_scalar(t: Tensor) -> bool:
+    return t.ndim == 0 and t._ctx is None and not t.requires_grad
 
 
 def unbroadcast(g, shape: tuple[int, ...]):
@@ -85,6 +96,12 @@ def _norm_axis(axis, ndim: int):
     return tuple(out)
 
 
+def stable_sigmoid(xp, x):
+    """1 / (1 + exp(-x)) without overflow, and without flushing tiny values to 0."""
+    e = xp.exp(-xp.abs(x))
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
 # -- elementwise ---------------------------------------------------------------
 _UNARY = {
     # name: (forward(xp, x), backward(xp, x, y, g))
@@ -95,7 +112,7 @@ _UNARY = {
     "abs": (lambda xp, x: xp.abs(x), lambda xp, x, y, g: g * xp.sign(x)),
     "tanh": (lambda xp, x: xp.tanh(x), lambda xp, x, y, g: g * (1 - y * y)),
     # 0.5 (1 + tanh(x/2)) is sigmoid without overflow for large |x|
-    "sigmoid": (lambda xp, x: 0.5 * (1 + xp.tanh(0.5 * x)), lambda xp, x, y, g: g * y * (1 - y)),
+    "sigmoid": (lambda xp, x: stable_sigmoid(xp, x), lambda xp, x, y, g: g * y * (1 - y)),
     "relu": (lambda xp, x: xp.maximum(x, 0), lambda xp, x, y, g: g * (x > 0)),
 }
 
@@ -154,7 +171,13 @@ def _unary(op):
 def _binary(op):
     def fn(a, b) -> Tensor:
         a, b = _pair(op, a, b)
-        return Binary.apply(a, b, op=op)
+        try:
+            return Binary.apply(a, b, op=op)
+        except ValueError as e:
+            if "broadcast" not in str(e):
+                raise
+            raise ShapeError(f"{op}: shapes {a.shape} and {b.shape} do not broadcast together "
+                             f"(trailing axes must be equal or 1); reshape one operand") from None
     fn.__name__ = op
     fn.__doc__ = f"Elementwise {op} with numpy broadcasting."
     return fn
@@ -299,9 +322,10 @@ class Transpose(Function):
 
 def transpose(x: Tensor, perm) -> Tensor:
     """Permute the axes of `x` (Paddle's `transpose(x, perm)`)."""
-    perm = tuple(int(p) for p in perm)
-    if sorted(p % builtins.max(x.ndim, 1) for p in perm) != list(range(x.ndim)):
-        raise ShapeError(f"transpose: perm {perm} is not a permutation of the {x.ndim} axes "
+    given = tuple(int(p) for p in perm)
+    perm = tuple(p % builtins.max(x.ndim, 1) if -x.ndim <= p < x.ndim else p for p in given)
+    if sorted(perm) != list(range(x.ndim)):
+        raise ShapeError(f"transpose: perm {given} is not a permutation of the {x.ndim} axes "
                          f"of a tensor of shape {x.shape}")
     return Transpose.apply(x, perm=perm)
 
@@ -453,7 +477,7 @@ def gather(x: Tensor, index, axis: int = 0) -> Tensor:
         raise ShapeError(f"gather: index must be a 1-D integer array, got shape "
                          f"{tuple(idx.shape)} dtype {idx.dtype}")
     if idx.size and (int(idx.min()) < -x.shape[axis] or int(idx.max()) >= x.shape[axis]):
-        raise ShapeError(f"gather: index values span [{int(idx.min())}, {int(idx.max())}] but "
+        raise IndexRangeError(f"gather: index values span [{int(idx.min())}, {int(idx.max())}] but "
                          f"axis {axis} of the tensor of shape {x.shape} has {x.shape[axis]} entries")
     return Gather.apply(x, index=idx % x.shape[axis], axis=axis)
 

@@ -1,10 +1,12 @@
 """Losses: softmax cross entropy, binary cross entropy with logits, mean squared error."""
 from __future__ import annotations
 
+import numpy as np
+
 from shoal.kernels import backend_of
 from shoal.worker.autograd import Function
 from shoal.worker.errors import DTypeError, IndexRangeError, ShapeError
-from shoal.worker.ops import lift
+from shoal.worker.ops import lift, stable_sigmoid
 from shoal.worker.tensor import Tensor
 
 _REDUCTIONS = ("mean", "sum", "none")
@@ -114,6 +116,13 @@ def cross_entropy(input: Tensor, label, soft_label: bool = False, reduction: str
                                      ignore_index=ignore_index, reduction=reduction)
 
 
+def _broadcasts_to(shape, target) -> bool:
+    try:
+        return np.broadcast_shapes(shape, target) == tuple(target)
+    except ValueError:
+        return False
+
+
 class BCEWithLogits(Function):
     def forward(self, x, y, *, weight, pos_weight, reduction):
         xp = backend_of(x).xp
@@ -129,7 +138,7 @@ class BCEWithLogits(Function):
 
     def backward(self, g):
         xp = backend_of(g).xp
-        sig = 0.5 * (1.0 + xp.tanh(0.5 * self.x))
+        sig = stable_sigmoid(xp, self.x)
         grad = (1.0 - self.y) + self.lw * (sig - 1.0)
         if self.w is not None:
             grad = grad * self.w
@@ -150,7 +159,7 @@ def binary_cross_entropy_with_logits(logit: Tensor, label, weight=None, reductio
     extra = {}
     for name, t in (("weight", weight), ("pos_weight", pos_weight)):
         arr = None if t is None else lift(t, logit).data.astype(logit.dtype, copy=False)
-        if arr is not None and backend_of(arr).xp.broadcast_shapes(arr.shape, logit.shape) != logit.shape:
+        if arr is not None and not _broadcasts_to(arr.shape, logit.shape):
             raise ShapeError(f"binary_cross_entropy_with_logits: {name} shape {arr.shape} does "
                              f"not broadcast to logit shape {logit.shape}")
         extra[name] = arr

@@ -118,16 +118,16 @@ def load(path: str | os.PathLike, return_numpy: bool = False):
             data = f.read()
         with np.load(io.BytesIO(data), allow_pickle=False) as z:
             if _TREE not in z.files:
-                raise SerializationError(f"load: {path!r} is an npz file but not a Shoal save "
-                                         f"(no {_TREE} member)")
+                raise SerializationError(f"an npz file but not a Shoal save (no {_TREE} member)")
             meta = json.loads(z[_TREE].tobytes().decode())
             if meta.get("format") != _FORMAT:
-                raise SerializationError(f"load: {path!r} has format {meta.get('format')!r}; "
-                                         f"this Shoal reads {_FORMAT!r}")
+                raise SerializationError(f"format {meta.get('format')!r}; this Shoal reads "
+                                         f"{_FORMAT!r}")
             arrays = {k: z[k] for k in z.files if k != _TREE}
         return _decode(meta["tree"], arrays, return_numpy)
-    except SerializationError:
-        raise
-    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError) as e:
+    except SerializationError as e:
+        raise SerializationError(f"load: {path!r}: {e}") from e
+    except (zipfile.BadZipFile, ValueError, KeyError, OSError, EOFError, TypeError,
+            AttributeError) as e:
         raise SerializationError(f"load: {path!r} is not a readable Shoal save ({e}); it may be "
                                  f"truncated or of another format") from e

@@ -121,7 +121,9 @@ class Layer:
                             f"{type(tensor).__name__}")
         names = self.__dict__.setdefault("_buffer_names", set())
         names.add(name)
-        if not persistable:
+        if persistable:
+            self._non_persistable.discard(name)
+        else:
             self._non_persistable.add(name)
         setattr(self, name, tensor)
 

@@ -225,7 +225,8 @@ class Optimizer:
                 if tuple(arr.shape) != p.shape:
                     raise ShapeError(f"{where}: {key!r} has shape {tuple(arr.shape)} but parameter "
                                      f"{idx} ({p.name}) has shape {p.shape}")
-                v = p.backend.asarray(backend_of(arr).to_numpy(arr), dtype=p.dtype)
+                # a copy: the source optimizer keeps updating its own arrays in place
+                v = p.backend.xp.array(backend_of(arr).to_numpy(arr), dtype=p.dtype, copy=True)
             new.setdefault(int(idx), {})[slot] = int(v) if slot == "step" else v
         for idx, st in new.items():
             missing = set(self.slots + ("step",)) - set(st)

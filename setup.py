@@ -1,8 +1,11 @@
 """Declares the C++ extensions of csrc/; all metadata lives in setup.cfg."""
+from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-# The native uint64 hash map (parameter server) and the Gloo binding
-# (collectives) are declared here when their issues land.
-ext_modules = []
+# The Gloo binding (collectives) is declared here when its issue lands.
+ext_modules = [
+    # The uint64 key -> row hash map of the parameter server's sparse tables.
+    Pybind11Extension("shoal.ps._keymap", ["csrc/keymap.cpp"], cxx_std=17, extra_compile_args=["-O3"]),
+]
 
-setup(ext_modules=ext_modules)
+setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

@@ -148,6 +148,19 @@ class SparseShard:
             if len(grow):
                 self._create_embedx(self._keys_of(grow), grow)
 
+    def add_delta(self, keys: np.ndarray, deltas: np.ndarray) -> None:
+        """GEO: add trained-minus-pulled deltas to the rows that exist (others have none to add to)."""
+        rows = self.map.lookup(keys)
+        has = rows >= 0
+        if has.any():
+            r = rows[has]
+            w = self.emb[r] + deltas[has]
+            if self.split:
+                w[~self.has_embedx[r], 1:] = 0.0  # no embedx yet: it stays absent
+            self.rule._bound(w)
+            self.emb[r] = w
+            self.stats["unseen_days"][r] = 0.0
+
     def _keys_of(self, rows: np.ndarray) -> np.ndarray:
         return self.row_keys[rows]
 
@@ -243,6 +256,16 @@ class SparseTable:
                              f"{getattr(keys, 'shape', None)}")
         return keys
 
+    def _check_rows(self, arr, n: int, op: str, name: str, shape=None) -> None:
+        shape = (n, self.spec.dim) if shape is None else shape
+        if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.shape != shape:
+            raise TableError(f"{op} on table {self.spec.name!r}: {name} must be float32 of shape "
+                             f"{shape}, got {getattr(arr, 'dtype', type(arr).__name__)} "
+                             f"{getattr(arr, 'shape', '')}")
+        if not np.isfinite(arr).all():
+            raise TableError(f"{op} on table {self.spec.name!r}: {name} holds NaN or inf; "
+                             f"nothing was applied")
+
     def _groups(self, keys: np.ndarray):
         """(shard, positions in keys) for every shard that has keys."""
         if len(self.shards) == 1:
@@ -280,16 +303,9 @@ class SparseTable:
         n, dim = len(keys), self.spec.dim
         shows = np.ones(n, np.float32) if shows is None else shows
         clicks = np.zeros(n, np.float32) if clicks is None else clicks
-        for name, arr, shape in (("grads", grads, (n, dim)), ("shows", shows, (n,)),
-                                 ("clicks", clicks, (n,))):
-            if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.shape != shape:
-                raise TableError(
-                    f"push_sparse on table {self.spec.name!r}: {name} must be float32 of shape "
-                    f"{shape}, got {getattr(arr, 'dtype', type(arr).__name__)} "
-                    f"{getattr(arr, 'shape', '')}")
-            if not np.isfinite(arr).all():
-                raise TableError(f"push_sparse on table {self.spec.name!r}: {name} holds NaN or "
-                                 f"inf; nothing was applied")
+        self._check_rows(grads, n, "push_sparse", "grads")
+        self._check_rows(shows, n, "push_sparse", "shows", (n,))
+        self._check_rows(clicks, n, "push_sparse", "clicks", (n,))
         packed = np.concatenate([grads, shows[:, None], clicks[:, None]], axis=1)
         uniq, merged = self._be.segment_sum(keys, packed)
         g = np.ascontiguousarray(merged[:, :dim])
@@ -297,6 +313,15 @@ class SparseTable:
         for shard, pos in self._groups(uniq):
             with shard.lock:
                 shard.push(uniq[pos], g[pos], s[pos], c[pos])
+
+    def add_delta(self, keys: np.ndarray, deltas: np.ndarray) -> None:
+        """GEO: add deltas [n, dim] to the rows of `keys` that exist (duplicates are summed)."""
+        keys = self._check_keys(keys, "push_delta")
+        self._check_rows(deltas, len(keys), "push_delta", "deltas")
+        uniq, merged = self._be.segment_sum(keys, deltas)
+        for shard, pos in self._groups(uniq):
+            with shard.lock:
+                shard.add_delta(uniq[pos], merged[pos])
 
     def shrink(self) -> int:
         deleted = 0

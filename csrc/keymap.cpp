@@ -461,6 +461,45 @@ constexpr const char* kKeysHint = "convert with np.asarray(keys, dtype=np.uint64
 
 CArray<uint64_t> keys_arg(const py::handle& obj) { return as_vector<uint64_t>(obj, "keys", "uint64", kKeysHint); }
 
+
+// Dense ids 0..u-1 for the distinct keys of k[0..n), in first-occurrence order:
+// inv[i] is the id of k[i] and uniq[id] its key. One hashing pass, no sort.
+void dedup(const uint64_t* k, size_t n, int64_t* inv, std::vector<uint64_t>& uniq) {
+    size_t cap = kMinCapacity;
+    while (cap < 2 * n) cap <<= 1;
+    const size_t mask = cap - 1;
+    std::vector<uint64_t> slot_key(cap);
+    std::vector<int64_t> slot_id(cap, -1);
+    uniq.clear();
+    uniq.reserve(n / 4 + 16);
+    for (size_t i = 0; i < n; ++i) {
+        if (i + kPrefetch < n) __builtin_prefetch(&slot_id[mix(k[i + kPrefetch]) & mask]);
+        const uint64_t key = k[i];
+        size_t s = mix(key) & mask;
+        for (;;) {
+            const int64_t id = slot_id[s];
+            if (id < 0) {
+                slot_id[s] = static_cast<int64_t>(uniq.size());
+                slot_key[s] = key;
+                inv[i] = static_cast<int64_t>(uniq.size());
+                uniq.push_back(key);
+                break;
+            }
+            if (slot_key[s] == key) {
+                inv[i] = id;
+                break;
+            }
+            s = (s + 1) & mask;
+        }
+    }
+}
+
+py::array_t<uint64_t> to_array(const std::vector<uint64_t>& v) {
+    py::array_t<uint64_t> out(static_cast<py::ssize_t>(v.size()));
+    if (!v.empty()) std::memcpy(out.mutable_data(), v.data(), v.size() * sizeof(uint64_t));
+    return out;
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_keymap, m) {
@@ -722,4 +761,74 @@ Raises:
                    ", row_bound=" + std::to_string(self.row_bound()) +
                    ", free_rows=" + std::to_string(self.free_rows()) + ")";
         });
+    m.def(
+        "unique_inverse",
+        [](const py::object& keys_obj) {
+            auto keys = keys_arg(keys_obj);
+            const size_t n = static_cast<size_t>(keys.shape(0));
+            py::array_t<int64_t> inv(static_cast<py::ssize_t>(n));
+            std::vector<uint64_t> uniq;
+            const uint64_t* k = keys.data();
+            int64_t* iv = inv.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                dedup(k, n, iv, uniq);
+            }
+            return py::make_tuple(to_array(uniq), inv);
+        },
+        py::arg("keys"), R"doc(
+The distinct keys and, for each key, the index of its distinct key: one hashing pass, no sort.
+
+Returns:
+    (uniq uint64, inverse int64) with ``uniq[inverse] == keys``; ``uniq`` is in
+    first-occurrence order (not sorted). Releases the GIL.
+)doc");
+
+    m.def(
+        "merge_rows",
+        [](const py::object& keys_obj, const py::object& rows_obj) {
+            auto keys = keys_arg(keys_obj);
+            const size_t n = static_cast<size_t>(keys.shape(0));
+            if (!py::isinstance<py::array>(rows_obj))
+                throw py::type_error("rows must be a 2-D float32 numpy array");
+            py::array rows_any = py::reinterpret_borrow<py::array>(rows_obj);
+            if (!rows_any.dtype().equal(py::dtype::of<float>()))
+                throw py::type_error("rows must have dtype float32, got " + dtype_name(rows_any) +
+                                     "; convert with rows.astype(np.float32)");
+            if (rows_any.ndim() != 2 || static_cast<size_t>(rows_any.shape(0)) != n)
+                throw py::value_error("rows must be 2-D with one row per key: " + std::to_string(n) +
+                                      " keys, rows of ndim " + std::to_string(rows_any.ndim()));
+            auto rows = CArray<float>::ensure(rows_any);
+            const size_t d = static_cast<size_t>(rows.shape(1));
+            std::vector<int64_t> inv(n);
+            std::vector<uint64_t> uniq;
+            const uint64_t* k = keys.data();
+            const float* src = rows.data();
+            {
+                py::gil_scoped_release nogil;
+                dedup(k, n, inv.data(), uniq);
+            }
+            py::array_t<float> out({static_cast<py::ssize_t>(uniq.size()), static_cast<py::ssize_t>(d)});
+            float* dst = out.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                std::memset(dst, 0, uniq.size() * d * sizeof(float));
+                for (size_t i = 0; i < n; ++i) {
+                    float* o = dst + static_cast<size_t>(inv[i]) * d;
+                    const float* r = src + i * d;
+                    for (size_t j = 0; j < d; ++j) o[j] += r[j];
+                }
+            }
+            return py::make_tuple(to_array(uniq), out);
+        },
+        py::arg("keys"), py::arg("rows"), R"doc(
+Sum the rows of duplicate keys in one hashing pass (no sort).
+
+Args:
+    keys: 1-D uint64 [n]; rows: float32 [n, d].
+
+Returns:
+    (uniq uint64 [u], summed float32 [u, d]), keys in first-occurrence order.
+    Rows of one key are added in input order. Releases the GIL.
+)doc");
 }

@@ -22,6 +22,22 @@ class RemoteError(PSError):
         self.kind, self.endpoint, self.op = kind, endpoint, op
 
 
+class AuthError(PSError):
+    """A server refused this client's credentials (job token or auth mode differ), or a token is unusable."""
+
+
+class ConnectionLostError(PSError, ConnectionError):
+    """The connection to a server dropped while a call was pending, or a call went to a server known to be gone."""
+
+
+class ClosedError(PSError):
+    """A call on a closed client, a call pending when its client closed, or a request to a stopping server."""
+
+
+class UnknownOpError(PSError, LookupError):
+    """A request named an op the server has no handler for (the message lists the known ones)."""
+
+
 class TableError(PSError, ValueError):
     """A table spec, key, shape or dtype that does not fit the table addressed."""
 

@@ -13,7 +13,7 @@ import threading
 import numpy as np
 
 from shoal.kernels import get_backend
-from shoal.ps._keymap import KeyMap
+from shoal.ps._keymap import KeyMap, merge_rows, unique_inverse
 from shoal.ps.accessor import Pending, make_entry, make_rule
 from shoal.ps.errors import TableError
 from shoal.ps.partition import shard_of, uniform_rows
@@ -23,7 +23,12 @@ _STATS = ("show", "click", "delta_score", "unseen_days")
 
 
 class SparseShard:
-    """One lock's worth of a sparse table. Not thread-safe by itself: callers hold `lock`."""
+    """One lock's worth of a sparse table. Not thread-safe by itself: callers hold `lock`.
+
+    A row is one float32 record in `values` (Paddle's feature-value idea):
+    the embedding, then each part's rule state, then show, click, delta score
+    and unseen days, so a push gathers and scatters each row once.
+    """
 
     def __init__(self, spec: SparseTableSpec, index: int):
         self.spec = spec
@@ -36,14 +41,29 @@ class SparseShard:
         # parts of a row: (name, first column, width); the split layout has two
         self.parts = [("embed", 0, 1), ("embedx", 1, spec.dim - 1)] if self.split \
             else [("embed", 0, spec.dim)]
+        self.cols: dict[str, tuple[int, int]] = {"emb": (0, spec.dim)}
+        width = spec.dim
+        for part, _, w in self.parts:
+            for name, k in self.rule.state_widths(w).items():
+                self.cols[f"state.{part}.{name}"] = (width, k)
+                width += k
+        for stat in _STATS:
+            self.cols[f"stat.{stat}"] = (width, 1)
+            width += 1
+        self.width = width
+        self.show, self.click, self.delta, self.unseen = (self.cols[f"stat.{s}"][0] for s in _STATS)
         self.cap = 0
-        self.emb = np.zeros((0, spec.dim), np.float32)
-        self.stats = {s: np.zeros(0, np.float32) for s in _STATS}
+        self.values = np.zeros((0, width), np.float32)
         self.has_embedx = np.zeros(0, bool)
         self.row_keys = np.zeros(0, np.uint64)  # the key of each row (for lazy embedx init)
-        self.state = {(part, name): np.zeros((0, k), np.float32)
-                      for part, _, width in self.parts
-                      for name, k in self.rule.state_widths(width).items()}
+
+    def _view(self, block: np.ndarray, name: str) -> np.ndarray:
+        start, k = self.cols[name]
+        return block[:, start:start + k]
+
+    def _states(self, block: np.ndarray, part: str) -> dict[str, np.ndarray]:
+        prefix = f"state.{part}."
+        return {n[len(prefix):]: self._view(block, n) for n in self.cols if n.startswith(prefix)}
 
     # -- arena -------------------------------------------------------------------
     def _grow(self, bound: int) -> None:
@@ -55,37 +75,36 @@ class SparseShard:
             out = np.zeros((cap,) + a.shape[1:], a.dtype)
             out[:len(a)] = a
             return out
-        self.emb = grown(self.emb)
-        self.stats = {k: grown(v) for k, v in self.stats.items()}
+        self.values = grown(self.values)
         self.has_embedx = grown(self.has_embedx)
         self.row_keys = grown(self.row_keys)
-        self.state = {k: grown(v) for k, v in self.state.items()}
         self.cap = cap
+
+    def _init_state(self, block: np.ndarray, part: str) -> None:
+        for name, view in self._states(block, part).items():
+            view[...] = self.rule.init_state(name, len(block), view.shape[1])
 
     def _init_rows(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """Fresh values for new rows: a pure function of (table seed, key)."""
         spec = self.spec
-        spec_range = spec.initial_range
         self._grow(self.map.row_bound)
         self.row_keys[rows] = keys
-        if self.split:
-            self.emb[rows] = 0.0  # embed_w starts at zero, embedx does not exist yet (Paddle)
-            self.has_embedx[rows] = False
-        else:
-            self.emb[rows] = uniform_rows(spec.seed, keys, spec.dim, -spec_range, spec_range)
-        for s in self.stats.values():
-            s[rows] = 0.0
-        for (part, name), arr in self.state.items():
-            arr[rows] = self.rule.init_state(name, len(rows), arr.shape[1])
+        block = np.zeros((len(rows), self.width), np.float32)
+        if not self.split:  # the split layout starts embed_w at zero, without embedx (Paddle)
+            block[:, :spec.dim] = uniform_rows(spec.seed, keys, spec.dim, -spec.initial_range,
+                                               spec.initial_range)
+        self._init_state(block, "embed")
+        self.values[rows] = block
+        self.has_embedx[rows] = False
 
-    def _create_embedx(self, keys: np.ndarray, rows: np.ndarray) -> None:
+    def _create_embedx(self, rows: np.ndarray) -> None:
         spec = self.spec
-        self.emb[rows, 1:] = uniform_rows(spec.seed, keys, spec.dim - 1, -spec.initial_range,
-                                          spec.initial_range, offset=1)
+        block = self.values[rows]
+        block[:, 1:spec.dim] = uniform_rows(spec.seed, self.row_keys[rows], spec.dim - 1,
+                                            -spec.initial_range, spec.initial_range, offset=1)
+        self._init_state(block, "embedx")
+        self.values[rows] = block
         self.has_embedx[rows] = True
-        for (part, name), arr in self.state.items():
-            if part == "embedx":
-                arr[rows] = self.rule.init_state(name, len(rows), arr.shape[1])
 
     # -- requests ------------------------------------------------------------------
     def pull(self, keys: np.ndarray, training: bool) -> np.ndarray:
@@ -103,11 +122,17 @@ class SparseShard:
                     if self.pending is not None:
                         self.pending.forget(akeys[created])
                 rows[absent] = new_rows
-            present = rows >= 0
-            self.stats["unseen_days"][rows[present]] = 0.0
-        out = np.zeros((len(keys), self.spec.dim), np.float32)
         present = np.flatnonzero(rows >= 0)
-        out[present] = self.emb[rows[present]]
+        if len(present) == len(rows):
+            if training:
+                self.values[rows, self.unseen] = 0.0
+            return self.values[rows, :self.spec.dim]
+        out = np.zeros((len(keys), self.spec.dim), np.float32)
+        if len(present):
+            r = rows[present]
+            if training:
+                self.values[r, self.unseen] = 0.0
+            out[present] = self.values[r, :self.spec.dim]
         return out
 
     def push(self, keys: np.ndarray, grads: np.ndarray, shows: np.ndarray, clicks: np.ndarray) -> None:
@@ -115,38 +140,37 @@ class SparseShard:
         spec = self.spec
         rows = self.map.lookup(keys)
         has = rows >= 0
-        if self.pending is not None and not has.all():
-            miss = ~has
-            prow = self.pending.rows_for(keys[miss])
-            self.pending.cols["show"][prow] += shows[miss]
-            self.pending.cols["click"][prow] += clicks[miss]
-        if not has.any():
-            return
-        r, g, s, c = rows[has], grads[has], shows[has], clicks[has]
-        st = self.stats
-        st["show"][r] += s
-        st["click"][r] += c
-        st["delta_score"][r] += spec.score(s, c)
-        st["unseen_days"][r] = 0.0
+        if not has.all():
+            if self.pending is not None:
+                miss = ~has
+                prow = self.pending.rows_for(keys[miss])
+                self.pending.cols["show"][prow] += shows[miss]
+                self.pending.cols["click"][prow] += clicks[miss]
+            if not has.any():
+                return
+            rows, grads, shows, clicks = rows[has], grads[has], shows[has], clicks[has]
+        block = self.values[rows]
+        block[:, self.show] += shows
+        block[:, self.click] += clicks
+        block[:, self.delta] += spec.score(shows, clicks)
+        block[:, self.unseen] = 0.0
         if spec.scale_by_show:
-            g = g / np.maximum(s, 1.0)[:, None]
-        for part, start, width in self.parts:
-            sel = r if part == "embed" else r[self.has_embedx[r]]
-            gp = g[:, start:start + width] if part == "embed" else \
-                g[self.has_embedx[r], start:start + width]
-            if len(sel) == 0:
-                continue
-            w = self.emb[sel, start:start + width]
-            state = {name: self.state[(p, name)][sel] for (p, name) in self.state if p == part}
-            self.rule.update(w, state, gp)
-            self.emb[sel, start:start + width] = w
-            for name, arr in state.items():
-                self.state[(part, name)][sel] = arr
+            grads = grads / np.maximum(shows, 1.0)[:, None]
+        if not self.split:
+            self.rule.update(block[:, :spec.dim], self._states(block, "embed"), grads)
+        else:
+            self.rule.update(block[:, :1], self._states(block, "embed"), grads[:, :1])
+            with_x = self.has_embedx[rows]
+            if with_x.any():
+                sub = block[with_x]
+                self.rule.update(sub[:, 1:spec.dim], self._states(sub, "embedx"), grads[with_x, 1:])
+                block[with_x] = sub
+        self.values[rows] = block
         if self.split:
-            grow = r[~self.has_embedx[r]]
-            grow = grow[spec.score(st["show"][grow], st["click"][grow]) >= spec.embedx_threshold]
+            score = spec.score(block[:, self.show], block[:, self.click])
+            grow = rows[~self.has_embedx[rows] & (score >= spec.embedx_threshold)]
             if len(grow):
-                self._create_embedx(self._keys_of(grow), grow)
+                self._create_embedx(grow)
 
     def add_delta(self, keys: np.ndarray, deltas: np.ndarray) -> None:
         """GEO: add trained-minus-pulled deltas to the rows that exist (others have none to add to)."""
@@ -154,38 +178,36 @@ class SparseShard:
         has = rows >= 0
         if has.any():
             r = rows[has]
-            w = self.emb[r] + deltas[has]
+            w = self.values[r, :self.spec.dim] + deltas[has]
             if self.split:
                 w[~self.has_embedx[r], 1:] = 0.0  # no embedx yet: it stays absent
             self.rule._bound(w)
-            self.emb[r] = w
-            self.stats["unseen_days"][r] = 0.0
-
-    def _keys_of(self, rows: np.ndarray) -> np.ndarray:
-        return self.row_keys[rows]
+            self.values[r, :self.spec.dim] = w
+            self.values[r, self.unseen] = 0.0
 
     def shrink(self) -> int:
         """Decay show/click and delete rows past the delete thresholds; returns rows deleted."""
         spec = self.spec
         keys, rows = self.map.items()
-        st = self.stats
-        st["show"][rows] *= np.float32(spec.show_click_decay_rate)
-        st["click"][rows] *= np.float32(spec.show_click_decay_rate)
-        score = spec.score(st["show"][rows], st["click"][rows])
-        dead = (score < spec.delete_threshold) | (st["unseen_days"][rows] > spec.delete_after_unseen_days)
+        v = self.values
+        decay = np.float32(spec.show_click_decay_rate)
+        v[rows, self.show] *= decay
+        v[rows, self.click] *= decay
+        score = spec.score(v[rows, self.show], v[rows, self.click])
+        dead = (score < spec.delete_threshold) | (v[rows, self.unseen] > spec.delete_after_unseen_days)
         self.map.erase(keys[dead])
         if self.pending is not None:
             pk, pr = self.pending.map.items()
             pc = self.pending.cols
-            pc["show"][pr] *= np.float32(spec.show_click_decay_rate)
-            pc["click"][pr] *= np.float32(spec.show_click_decay_rate)
+            pc["show"][pr] *= decay
+            pc["click"][pr] *= decay
             self.pending.forget(pk[pc["unseen"][pr] > spec.delete_after_unseen_days])
         return int(dead.sum())
 
     def day_tick(self) -> None:
         """One day passes: unseen_days += 1 for every row (and pending key)."""
         _, rows = self.map.items()
-        self.stats["unseen_days"][rows] += 1.0
+        self.values[rows, self.unseen] += 1.0
         if self.pending is not None:
             _, pr = self.pending.map.items()
             self.pending.cols["unseen"][pr] += 1.0
@@ -199,18 +221,20 @@ class SparseShard:
         """
         spec = self.spec
         keys, rows = self.map.items()
-        st = self.stats
+        v = self.values
         if mode in (1, 2):
-            score = spec.score(st["show"][rows], st["click"][rows])
-            keep = (score >= spec.base_threshold) & (st["unseen_days"][rows] <= spec.delta_keep_days)
+            score = spec.score(v[rows, self.show], v[rows, self.click])
+            keep = (score >= spec.base_threshold) & (v[rows, self.unseen] <= spec.delta_keep_days)
             if mode == 1:
-                keep &= st["delta_score"][rows] >= spec.delta_threshold
+                keep &= v[rows, self.delta] >= spec.delta_threshold
             keys, rows = keys[keep], rows[keep]
-        out = {"keys": keys, "emb": self.emb[rows], "has_embedx": self.has_embedx[rows]}
-        out.update({f"stat.{k}": v[rows] for k, v in st.items()})
-        out.update({f"state.{p}.{n}": a[rows] for (p, n), a in self.state.items()})
+        block = v[rows]
+        out = {"keys": keys, "has_embedx": self.has_embedx[rows]}
+        for name in self.cols:
+            view = self._view(block, name)
+            out[name] = view[:, 0].copy() if name.startswith("stat.") else np.ascontiguousarray(view)
         if mode == 1:
-            st["delta_score"][rows] = 0.0
+            v[rows, self.delta] = 0.0
         return out
 
     def load_rows(self, data: dict[str, np.ndarray]) -> None:
@@ -218,23 +242,25 @@ class SparseShard:
         keys = data["keys"]
         if len(keys) == 0:
             return
+        missing = [n for n in self.cols if n not in data]
+        if missing:
+            raise TableError(f"table {self.spec.name!r}: checkpoint rows lack {missing} (saved "
+                             f"with another rule or layout?)")
+        block = np.empty((len(keys), self.width), np.float32)
+        for name in self.cols:
+            arr = data[name]
+            self._view(block, name)[...] = arr[:, None] if arr.ndim == 1 else arr
         rows, _ = self.map.get_or_insert(keys)
         self._grow(self.map.row_bound)
         self.row_keys[rows] = keys
-        self.emb[rows] = data["emb"]
+        self.values[rows] = block
         self.has_embedx[rows] = data["has_embedx"]
-        for k, v in self.stats.items():
-            v[rows] = data[f"stat.{k}"]
-        for (p, n), a in self.state.items():
-            a[rows] = data[f"state.{p}.{n}"]
         if self.pending is not None:
             self.pending.forget(keys)
 
     def checksum(self) -> float:
-        keys, rows = self.map.items()
-        order = np.argsort(keys)
-        return float(np.float64(self.emb[rows[order]].astype(np.float64).sum())
-                     + np.float64(self.stats["show"][rows].astype(np.float64).sum()))
+        _, rows = self.map.items()
+        return float(self.values[rows].astype(np.float64).sum())
 
 
 class SparseTable:
@@ -256,13 +282,13 @@ class SparseTable:
                              f"{getattr(keys, 'shape', None)}")
         return keys
 
-    def _check_rows(self, arr, n: int, op: str, name: str, shape=None) -> None:
+    def _check_rows(self, arr, n: int, op: str, name: str, shape=None, finite=True) -> None:
         shape = (n, self.spec.dim) if shape is None else shape
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.shape != shape:
             raise TableError(f"{op} on table {self.spec.name!r}: {name} must be float32 of shape "
                              f"{shape}, got {getattr(arr, 'dtype', type(arr).__name__)} "
                              f"{getattr(arr, 'shape', '')}")
-        if not np.isfinite(arr).all():
+        if finite and not np.isfinite(arr).all():
             raise TableError(f"{op} on table {self.spec.name!r}: {name} holds NaN or inf; "
                              f"nothing was applied")
 
@@ -286,7 +312,7 @@ class SparseTable:
         Keys without a row read as zeros.
         """
         keys = self._check_keys(keys, "pull_sparse")
-        uniq, inverse = np.unique(keys, return_inverse=True)
+        uniq, inverse = unique_inverse(keys)
         out = np.empty((len(uniq), self.spec.dim), np.float32)
         for shard, pos in self._groups(uniq):
             with shard.lock:
@@ -303,12 +329,16 @@ class SparseTable:
         n, dim = len(keys), self.spec.dim
         shows = np.ones(n, np.float32) if shows is None else shows
         clicks = np.zeros(n, np.float32) if clicks is None else clicks
-        self._check_rows(grads, n, "push_sparse", "grads")
-        self._check_rows(shows, n, "push_sparse", "shows", (n,))
-        self._check_rows(clicks, n, "push_sparse", "clicks", (n,))
+        self._check_rows(grads, n, "push_sparse", "grads", finite=False)
+        self._check_rows(shows, n, "push_sparse", "shows", (n,), finite=False)
+        self._check_rows(clicks, n, "push_sparse", "clicks", (n,), finite=False)
         packed = np.concatenate([grads, shows[:, None], clicks[:, None]], axis=1)
-        uniq, merged = self._be.segment_sum(keys, packed)
-        g = np.ascontiguousarray(merged[:, :dim])
+        uniq, merged = merge_rows(keys, packed)
+        # a NaN or inf anywhere in the input survives the sums: checking the merged rows suffices
+        if not np.isfinite(merged).all():
+            raise TableError(f"push_sparse on table {self.spec.name!r}: grads, shows or clicks "
+                             f"hold NaN or inf; nothing was applied")
+        g = merged[:, :dim]
         s, c = merged[:, dim], merged[:, dim + 1]
         for shard, pos in self._groups(uniq):
             with shard.lock:
@@ -318,7 +348,7 @@ class SparseTable:
         """GEO: add deltas [n, dim] to the rows of `keys` that exist (duplicates are summed)."""
         keys = self._check_keys(keys, "push_delta")
         self._check_rows(deltas, len(keys), "push_delta", "deltas")
-        uniq, merged = self._be.segment_sum(keys, deltas)
+        uniq, merged = merge_rows(keys, deltas)
         for shard, pos in self._groups(uniq):
             with shard.lock:
                 shard.add_delta(uniq[pos], merged[pos])
@@ -353,8 +383,8 @@ class SparseTable:
 
     def stats(self) -> dict:
         return {"rows": len(self), "pending": sum(len(s.pending) for s in self.shards if s.pending),
-                "bytes": int(sum(s.emb.nbytes + sum(a.nbytes for a in s.state.values())
-                                 + sum(a.nbytes for a in s.stats.values()) for s in self.shards))}
+                "bytes": int(sum(s.values.nbytes + s.row_keys.nbytes + s.has_embedx.nbytes
+                                 for s in self.shards))}
 
     def checksum(self) -> float:
         """A number that changes when any row or show count changes (for tests and audits)."""

@@ -1,0 +1,267 @@
+"""The worker's client of the parameter servers (ps-lite style pull / push).
+
+Keys are partitioned over the servers by a mixing hash (ps/partition.py);
+a pull deduplicates its keys, asks every server for its share at once and
+scatters the rows back to the caller's order; a push merges the gradients of
+duplicate keys first (kernels' segment_sum). Every call has a timeout; pushes
+carry (client id, sequence number) and are retried on a timeout with the same
+number, so a server applies each push once.
+
+Thread-safety: every method may be called from several threads at once.
+`*_async` methods return without waiting: call `wait()` on the handle, and do
+not modify the arrays you passed until it returns.
+"""
+from __future__ import annotations
+
+import os
+import time
+import uuid
+
+import numpy as np
+
+from shoal.kernels import get_backend
+from shoal.ps.errors import PSError, PSTimeoutError, TableError
+from shoal.ps.partition import partition
+from shoal.ps.rpc import RpcClient
+from shoal.ps.spec import spec_to_dict
+
+
+class PSHandle:
+    """The pending result of an async call: `wait(timeout=None)` returns it or raises."""
+
+    def __init__(self, finish):
+        self._finish, self._done, self._value = finish, False, None
+
+    def wait(self, timeout: float | None = None):
+        if not self._done:
+            self._value = self._finish(timeout)
+            self._done = True
+        return self._value
+
+
+def _groups(owner: np.ndarray, n: int):
+    """(server, positions) for each server that owns some of the keys."""
+    order = np.argsort(owner, kind="stable")
+    bounds = np.searchsorted(owner[order], np.arange(n + 1))
+    for s in range(n):
+        if bounds[s + 1] > bounds[s]:
+            yield s, order[bounds[s]:bounds[s + 1]]
+
+
+class PSClient:
+    """Pull and push against all parameter servers of a job.
+
+    Args:
+        endpoints: server endpoints in server-index order (a list or the
+            comma-separated PADDLE_PSERVERS_IP_PORT_LIST).
+        token: the job token (SHOAL_JOB_TOKEN).
+        auth: 'plain' or 'curve', as the servers.
+        timeout: seconds any one call may take before PSTimeoutError.
+        retries: how many times a timed-out push is resent (same sequence number).
+    """
+
+    def __init__(self, endpoints, token: str, auth: str = "plain", timeout: float = 30.0,
+                 retries: int = 2, client_id: str | None = None):
+        self.rpc = RpcClient(endpoints, token, auth=auth, timeout=timeout, client_id=client_id)
+        self.n = len(self.rpc.endpoints)
+        self.timeout, self.retries = timeout, retries
+        self.specs: dict = {}
+        self._be = get_backend("numpy")
+
+    # -- plumbing --------------------------------------------------------------------
+    def _wait_all(self, handles: list, timeout: float | None = None) -> list:
+        out, first_error = [], None
+        for h in handles:
+            try:
+                out.append(h.wait(timeout))
+            except PSError as e:  # wait for the rest too, so nothing is left in flight
+                first_error = first_error or e
+                out.append(None)
+        if first_error is not None:
+            raise first_error
+        return out
+
+    def _broadcast(self, op: str, header: dict, timeout: float | None = None) -> list:
+        handles = [self.rpc.call_async(s, op, header, timeout=timeout) for s in range(self.n)]
+        return [h for h, _ in self._wait_all(handles)]
+
+    def _push(self, server: int, op: str, header: dict, arrays: list) -> PSHandle:
+        """A call that must apply once: numbered, and resent with the same number on timeout."""
+        header = dict(header, seq=self.rpc.next_seq())
+        current = [self.rpc.call_async(server, op, header, arrays)]
+
+        def finish(timeout=None):
+            for attempt in range(self.retries + 1):
+                try:
+                    return current[0].wait(timeout)
+                except PSTimeoutError:
+                    if attempt == self.retries:
+                        raise
+                    current[0] = self.rpc.call_async(server, op, header, arrays)
+        return PSHandle(finish)
+
+    def _spec(self, table: str, kind: str):
+        spec = self.specs.get(table)
+        if spec is None:
+            raise TableError(f"table {table!r} is unknown to this client; call create_table(spec) "
+                             f"(or register_table) first")
+        if spec.kind != kind:
+            raise TableError(f"table {table!r} is {spec.kind}, not {kind}")
+        return spec
+
+    @staticmethod
+    def _keys(keys) -> np.ndarray:
+        if not isinstance(keys, np.ndarray) or keys.dtype != np.uint64 or keys.ndim != 1:
+            raise TableError(f"keys must be a 1-D uint64 array, got "
+                             f"{getattr(keys, 'dtype', type(keys).__name__)} "
+                             f"{getattr(keys, 'shape', '')}")
+        return keys
+
+    # -- tables ------------------------------------------------------------------------
+    def create_table(self, spec) -> None:
+        """Create `spec` on every server (an identical spec again is fine; a different one raises)."""
+        self._broadcast("create_table", {"spec": spec_to_dict(spec)})
+        self.specs[spec.name] = spec
+
+    def register_table(self, spec) -> None:
+        """Know a table some other worker created (no server call)."""
+        self.specs[spec.name] = spec
+
+    # -- sparse ------------------------------------------------------------------------
+    def pull_sparse_async(self, table: str, keys: np.ndarray, training: bool = True) -> PSHandle:
+        spec = self._spec(table, "sparse")
+        uniq, inverse = np.unique(self._keys(keys), return_inverse=True)
+        owner = partition(uniq, self.n)
+        parts = [(pos, self.rpc.call_async(s, "pull_sparse", {"table": table, "training": training},
+                                           [uniq[pos]]))
+                 for s, pos in _groups(owner, self.n)]
+
+        def finish(timeout=None):
+            out = np.empty((len(uniq), spec.dim), np.float32)
+            replies = self._wait_all([h for _, h in parts], timeout)
+            for (pos, _), (_, arrays) in zip(parts, replies):
+                out[pos] = arrays[0]
+            return out[inverse]
+        return PSHandle(finish)
+
+    def pull_sparse(self, table: str, keys: np.ndarray, training: bool = True) -> np.ndarray:
+        """Rows [len(keys), dim] in the order of `keys`. Read-only when not `training`."""
+        return self.pull_sparse_async(table, keys, training).wait()
+
+    def push_sparse_async(self, table: str, keys: np.ndarray, grads: np.ndarray,
+                          shows: np.ndarray | None = None, clicks: np.ndarray | None = None) -> PSHandle:
+        spec = self._spec(table, "sparse")
+        keys = self._keys(keys)
+        n = len(keys)
+        shows = np.ones(n, np.float32) if shows is None else np.asarray(shows, np.float32)
+        clicks = np.zeros(n, np.float32) if clicks is None else np.asarray(clicks, np.float32)
+        if grads.shape != (n, spec.dim) or shows.shape != (n,) or clicks.shape != (n,):
+            raise TableError(f"push_sparse {table!r}: grads {grads.shape}, shows {shows.shape}, "
+                             f"clicks {clicks.shape} do not fit {n} keys of dim {spec.dim}")
+        packed = np.concatenate([np.asarray(grads, np.float32), shows[:, None], clicks[:, None]], axis=1)
+        uniq, merged = self._be.segment_sum(keys, packed)
+        owner = partition(uniq, self.n)
+        d = spec.dim
+        handles = [self._push(s, "push_sparse", {"table": table},
+                              [uniq[pos], np.ascontiguousarray(merged[pos, :d]),
+                               np.ascontiguousarray(merged[pos, d]), np.ascontiguousarray(merged[pos, d + 1])])
+                   for s, pos in _groups(owner, self.n)]
+        return PSHandle(lambda timeout=None: self._wait_all(handles, timeout) and None)
+
+    def push_sparse(self, table, keys, grads, shows=None, clicks=None) -> None:
+        """Apply gradients with their shows and clicks (duplicate keys merged first)."""
+        self.push_sparse_async(table, keys, grads, shows, clicks).wait()
+
+    def push_sparse_delta(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None:
+        """GEO: add deltas to existing rows (duplicate keys merged first)."""
+        spec = self._spec(table, "sparse")
+        uniq, merged = self._be.segment_sum(self._keys(keys), np.asarray(deltas, np.float32)
+                                            .reshape(len(keys), spec.dim))
+        owner = partition(uniq, self.n)
+        self._wait_all([self._push(s, "push_delta", {"table": table}, [uniq[pos], merged[pos]])
+                        for s, pos in _groups(owner, self.n)])
+
+    # -- dense -------------------------------------------------------------------------
+    def _split(self, spec, vector: np.ndarray, what: str) -> list:
+        vector = np.asarray(vector, np.float32).reshape(-1)
+        if vector.shape != (spec.size,):
+            raise TableError(f"{what} {spec.name!r}: expected {spec.size} values, got {vector.shape[0]}")
+        return [vector[slice(*spec.bounds(s, self.n))] for s in range(self.n)]
+
+    def init_dense(self, table: str, values: np.ndarray) -> None:
+        parts = self._split(self._spec(table, "dense"), values, "init_dense")
+        self._wait_all([self.rpc.call_async(s, "init_dense", {"table": table}, [p])
+                        for s, p in enumerate(parts)])
+
+    def pull_dense(self, table: str) -> np.ndarray:
+        self._spec(table, "dense")
+        replies = self._wait_all([self.rpc.call_async(s, "pull_dense", {"table": table})
+                                  for s in range(self.n)])
+        return np.concatenate([arrays[0] for _, arrays in replies])
+
+    def push_dense_async(self, table: str, grad: np.ndarray) -> PSHandle:
+        parts = self._split(self._spec(table, "dense"), grad, "push_dense")
+        handles = [self._push(s, "push_dense", {"table": table}, [p]) for s, p in enumerate(parts)]
+        return PSHandle(lambda timeout=None: self._wait_all(handles, timeout) and None)
+
+    def push_dense(self, table: str, grad: np.ndarray) -> None:
+        self.push_dense_async(table, grad).wait()
+
+    def push_dense_delta(self, table: str, delta: np.ndarray) -> None:
+        parts = self._split(self._spec(table, "dense"), delta, "push_delta")
+        self._wait_all([self._push(s, "push_delta", {"table": table}, [p]) for s, p in enumerate(parts)])
+
+    # -- coordination ------------------------------------------------------------------
+    def barrier(self, name: str, count: int, timeout: float = 60.0) -> None:
+        """Return once `count` callers reached barrier `name` (on server 0)."""
+        self.rpc.call(0, "barrier", {"name": name, "count": count, "timeout": timeout},
+                      timeout=timeout + 5.0)
+
+    def reduce(self, name: str, array: np.ndarray, count: int, timeout: float = 60.0) -> np.ndarray:
+        """The sum of `array` over `count` callers of reduce `name` (through server 0)."""
+        _, arrays = self.rpc.call(0, "reduce", {"name": name, "count": count, "timeout": timeout},
+                                  [np.ascontiguousarray(array)], timeout=timeout + 5.0)
+        return np.array(arrays[0])
+
+    # -- checkpoints and maintenance -------------------------------------------------------
+    def save(self, directory: str, mode: int = 0, timeout: float = 600.0) -> dict:
+        """Save every table (mode 0 all, 1 delta, 2 base; 3 the day tick) into `directory`.
+
+        Each server writes its shard; then server 0 writes the manifest, so
+        the save becomes the directory's checkpoint all at once.
+        """
+        directory = os.path.abspath(directory)
+        save_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+        header = {"dir": directory, "mode": mode, "save_id": save_id}
+        replies = self._broadcast("save", header, timeout=timeout)
+        if mode == 3:
+            return {"day_tick": True}
+        files = [r["file"] for r in replies]
+        self.rpc.call(0, "commit_save", dict(header, files=files), timeout=timeout)
+        return {"dir": directory, "save_id": save_id, "files": files,
+                "rows": [r["rows"] for r in replies]}
+
+    def load(self, directory: str, timeout: float = 600.0) -> list:
+        """Load the checkpoint in `directory` onto these servers (any number of them)."""
+        replies = self._broadcast("load", {"dir": os.path.abspath(directory)}, timeout=timeout)
+        return [r["rows"] for r in replies]
+
+    def shrink(self, table: str | None = None, day_tick: bool = False) -> int:
+        header = {"day_tick": day_tick} if table is None else {"table": table, "day_tick": day_tick}
+        return sum(sum(r["deleted"].values()) for r in self._broadcast("shrink", header))
+
+    def stats(self) -> list[dict]:
+        return self._broadcast("stats", {})
+
+    def stop_servers(self) -> None:
+        """Ask every server to drain and exit."""
+        self._broadcast("stop", {})
+
+    def close(self) -> None:
+        self.rpc.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

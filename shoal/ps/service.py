@@ -1,0 +1,290 @@
+"""What one parameter server does: one handler per op over its table shards.
+
+`PSService.handlers()` maps op names to `handler(header, arrays) -> (header,
+arrays)` for the RPC server (ps/rpc). Handlers run concurrently on the RPC
+server's threads; tables lock per shard, the table registry, the push ledger
+and the rendezvous (barrier/reduce) have their own locks. A handler refuses a
+bad request by raising (the RPC server turns that into an error reply) and
+changes nothing when it does.
+"""
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import numpy as np
+
+from shoal.ps import checkpoint as ckpt
+from shoal.ps.dense_table import DenseTable
+from shoal.ps.errors import PSError, PSTimeoutError, TableError
+from shoal.ps.sparse_table import SparseTable
+from shoal.ps.spec import spec_from_dict, spec_to_dict
+
+OPS = ("create_table", "init_dense", "pull_sparse", "push_sparse", "pull_dense", "push_dense",
+       "push_delta", "barrier", "reduce", "save", "commit_save", "load", "shrink", "stats", "stop")
+
+
+def _arrays(arrays: list, n: int, op: str, what: str) -> list:
+    if len(arrays) != n:
+        raise PSError(f"{op}: expected {n} arrays ({what}), got {len(arrays)}")
+    return arrays
+
+
+def _field(header: dict, name: str, kind, op: str):
+    value = header.get(name)
+    if not isinstance(value, kind) or isinstance(value, bool) and kind is not bool:
+        raise PSError(f"{op}: header field {name!r} must be {getattr(kind, '__name__', kind)}, "
+                      f"got {value!r}")
+    return value
+
+
+class _PushLedger:
+    """Remembers the (client, seq) of recent pushes so a retried push is applied once."""
+
+    def __init__(self, keep: int = 65536):
+        self.keep = keep
+        self.cond = threading.Condition()
+        self.done: collections.OrderedDict = collections.OrderedDict()
+        self.running: set = set()
+
+    def run_once(self, header: dict, apply) -> bool:
+        """Call `apply()` unless this (client, seq) already was; True if it ran now."""
+        client, seq = header.get("client"), header.get("seq")
+        if not isinstance(client, str) or not isinstance(seq, int):
+            apply()  # no identity: nothing to deduplicate against
+            return True
+        key = (client, seq)
+        with self.cond:
+            while key in self.running:  # the original is being applied: wait for its outcome
+                self.cond.wait()
+            if key in self.done:
+                return False
+            self.running.add(key)
+        ok = False
+        try:
+            apply()
+            ok = True
+        finally:
+            with self.cond:
+                self.running.discard(key)
+                if ok:
+                    self.done[key] = None
+                    while len(self.done) > self.keep:
+                        self.done.popitem(last=False)
+                self.cond.notify_all()
+        return True
+
+
+class _Gathering:
+    def __init__(self, count: int):
+        self.count, self.arrived, self.total, self.done = count, 0, None, False
+
+
+class PSService:
+    """The tables and ops of server `index` of `n_servers`.
+
+    Args:
+        max_waiters: how many barrier/reduce calls may wait at once (each holds
+            an RPC thread); a gathering larger than this is refused up front.
+    """
+
+    def __init__(self, index: int, n_servers: int, max_waiters: int = 60):
+        if not 0 <= index < n_servers:
+            raise PSError(f"server index {index} is outside [0, {n_servers})")
+        self.index, self.n_servers, self.max_waiters = index, n_servers, max_waiters
+        self.tables: dict[str, SparseTable | DenseTable] = {}
+        self._tables_lock = threading.Lock()
+        self._ledger = _PushLedger()
+        self._gather_cond = threading.Condition()
+        self._gatherings: dict[str, _Gathering] = {}
+        self.stop_requested = threading.Event()
+        self.started = time.time()
+
+    def handlers(self) -> dict:
+        return {op: getattr(self, f"op_{op}") for op in OPS}
+
+    # -- tables ------------------------------------------------------------------
+    def _table(self, header: dict, op: str, kind: str | None = None):
+        name = header.get("table")
+        table = self.tables.get(name) if isinstance(name, str) else None
+        if table is None:
+            raise TableError(f"{op}: unknown table {name!r}; tables on server {self.index}: "
+                             f"{sorted(self.tables)} (create it with create_table first)")
+        if kind is not None and table.spec.kind != kind:
+            raise TableError(f"{op}: table {name!r} is {table.spec.kind}, this op needs a {kind} table")
+        return table
+
+    def _create(self, spec):
+        with self._tables_lock:
+            have = self.tables.get(spec.name)
+            if have is not None:
+                if have.spec != spec:
+                    diff = {k: (v, spec_to_dict(spec).get(k)) for k, v in spec_to_dict(have.spec).items()
+                            if spec_to_dict(spec).get(k) != v}
+                    raise TableError(f"create_table: table {spec.name!r} exists with a different "
+                                     f"spec (field: (existing, requested)) {diff}; use another name "
+                                     f"or the same spec")
+                return have, False
+            table = SparseTable(spec) if spec.kind == "sparse" else \
+                DenseTable(spec, self.index, self.n_servers)
+            self.tables[spec.name] = table
+            return table, True
+
+    def op_create_table(self, header, arrays):
+        spec = spec_from_dict(header.get("spec"))
+        _, created = self._create(spec)
+        return {"created": created}, []
+
+    def op_init_dense(self, header, arrays):
+        table = self._table(header, "init_dense", "dense")
+        table.init(_arrays(arrays, 1, "init_dense", "values")[0])
+        return {}, []
+
+    def op_pull_sparse(self, header, arrays):
+        table = self._table(header, "pull_sparse", "sparse")
+        (keys,) = _arrays(arrays, 1, "pull_sparse", "keys")
+        training = header.get("training", True)
+        if not isinstance(training, bool):
+            raise PSError(f"pull_sparse: 'training' must be true or false, got {training!r}")
+        return {}, [table.pull(keys, training=training)]
+
+    def op_push_sparse(self, header, arrays):
+        table = self._table(header, "push_sparse", "sparse")
+        keys, grads, shows, clicks = _arrays(arrays, 4, "push_sparse", "keys, grads, shows, clicks")
+        applied = self._ledger.run_once(header, lambda: table.push(keys, grads, shows, clicks))
+        return {"applied": applied}, []
+
+    def op_pull_dense(self, header, arrays):
+        return {}, [self._table(header, "pull_dense", "dense").pull()]
+
+    def op_push_dense(self, header, arrays):
+        table = self._table(header, "push_dense", "dense")
+        (grad,) = _arrays(arrays, 1, "push_dense", "grad")
+        return {"applied": self._ledger.run_once(header, lambda: table.push(grad))}, []
+
+    def op_push_delta(self, header, arrays):
+        table = self._table(header, "push_delta")
+        if table.spec.kind == "sparse":
+            keys, deltas = _arrays(arrays, 2, "push_delta", "keys, deltas")
+            apply = lambda: table.add_delta(keys, deltas)  # noqa: E731
+        else:
+            (delta,) = _arrays(arrays, 1, "push_delta", "delta")
+            apply = lambda: table.push_delta(delta)  # noqa: E731
+        return {"applied": self._ledger.run_once(header, apply)}, []
+
+    # -- rendezvous ----------------------------------------------------------------
+    def _gather(self, op: str, header: dict, array):
+        name = _field(header, "name", str, op)
+        count = _field(header, "count", int, op)
+        timeout = header.get("timeout", 60.0)
+        if not 1 <= count <= self.max_waiters:
+            raise PSError(f"{op} {name!r}: count {count} must lie in [1, {self.max_waiters}] "
+                          f"(start servers with more threads for larger gatherings)")
+        if not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise PSError(f"{op} {name!r}: timeout must be a positive number, got {timeout!r}")
+        deadline = time.monotonic() + timeout
+        with self._gather_cond:
+            g = self._gatherings.get(name)
+            if g is None:
+                g = self._gatherings[name] = _Gathering(count)
+            if g.count != count:
+                raise PSError(f"{op} {name!r}: this caller says count={count}, earlier ones said "
+                              f"{g.count}; every participant must pass the same count")
+            if array is not None:
+                if g.total is None:
+                    g.total = np.zeros_like(array)
+                elif g.total.shape != array.shape or g.total.dtype != array.dtype:
+                    raise PSError(f"reduce {name!r}: array {array.dtype}{list(array.shape)} does not "
+                                  f"match {g.total.dtype}{list(g.total.shape)} from others")
+                g.total += array
+            g.arrived += 1
+            if g.arrived == g.count:
+                g.done = True
+                del self._gatherings[name]
+                self._gather_cond.notify_all()
+            while not g.done:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    message = (f"{op} {name!r} on server {self.index}: {g.arrived} of {count} "
+                               f"participants arrived within {timeout}s")
+                    g.arrived -= 1  # leave, so a later full set still completes correctly
+                    if array is not None:
+                        g.total -= array
+                    raise PSTimeoutError(message)
+                self._gather_cond.wait(left)
+            return g.total
+
+    def op_barrier(self, header, arrays):
+        self._gather("barrier", header, None)
+        return {}, []
+
+    def op_reduce(self, header, arrays):
+        (array,) = _arrays(arrays, 1, "reduce", "the array to sum")
+        total = self._gather("reduce", header, np.array(array))
+        return {}, [total.copy()]
+
+    # -- checkpoints and maintenance -------------------------------------------------
+    def op_save(self, header, arrays):
+        directory = _field(header, "dir", str, "save")
+        mode = _field(header, "mode", int, "save")
+        if mode == 3:
+            for t in self._sparse():
+                t.day_tick()
+            return {"day_tick": True}, []
+        save_id = _field(header, "save_id", str, "save")
+        with self._tables_lock:
+            tables = dict(self.tables)
+        return ckpt.save_shard(directory, self.index, save_id, tables, mode), []
+
+    def op_commit_save(self, header, arrays):
+        if self.index != 0:
+            raise PSError(f"commit_save goes to server 0, not server {self.index}")
+        directory = _field(header, "dir", str, "commit_save")
+        files = header.get("files")
+        if not isinstance(files, list) or len(files) != self.n_servers:
+            raise PSError(f"commit_save: expected {self.n_servers} shard files, got {files!r}")
+        with self._tables_lock:
+            specs = [t.spec for t in self.tables.values()]
+        ckpt.write_manifest(directory, _field(header, "save_id", str, "commit_save"),
+                            _field(header, "mode", int, "commit_save"), specs, files)
+        return {}, []
+
+    def op_load(self, header, arrays):
+        directory = _field(header, "dir", str, "load")
+        manifest = ckpt.read_manifest(directory)
+        specs = [spec_from_dict(d) for d in manifest["tables"]]
+        for spec in specs:  # validate every spec against what exists before creating any
+            have = self.tables.get(spec.name)
+            if have is not None and have.spec != spec:
+                raise TableError(f"load {directory}: table {spec.name!r} exists here with a spec "
+                                 f"that differs from the checkpoint's")
+        tables = {spec.name: self._create(spec)[0] for spec in specs}
+        return {"rows": ckpt.load_into(directory, self.index, self.n_servers, tables)}, []
+
+    def _sparse(self, name=None):
+        if name is not None:
+            return [self._table({"table": name}, "shrink", "sparse")]
+        return [t for t in list(self.tables.values()) if t.spec.kind == "sparse"]
+
+    def op_shrink(self, header, arrays):
+        tables = self._sparse(header.get("table"))
+        deleted = {t.spec.name: t.shrink() for t in tables}
+        if header.get("day_tick", False):
+            for t in tables:
+                t.day_tick()
+        return {"deleted": deleted}, []
+
+    def op_stats(self, header, arrays):
+        tables = {}
+        for name, t in list(self.tables.items()):
+            info = t.stats() if t.spec.kind == "sparse" else {"size": t.end - t.start}
+            info["checksum"] = t.checksum()
+            info["kind"] = t.spec.kind
+            tables[name] = info
+        return {"index": self.index, "n_servers": self.n_servers, "tables": tables,
+                "uptime": time.time() - self.started}, []
+
+    def op_stop(self, header, arrays):
+        self.stop_requested.set()
+        return {}, []

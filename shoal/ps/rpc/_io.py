@@ -1,4 +1,4 @@
-"""Socket plumbing shared by the RPC server and client: endpoint spelling and the I/O-thread waker."""
+"""Socket plumbing shared by the RPC server and client: endpoint spelling, frame receiving, the waker."""
 from __future__ import annotations
 
 import os
@@ -17,8 +17,8 @@ def normalize_endpoint(endpoint: str, *, bind: bool = False) -> str:
     """``"host:port"`` or ``"tcp://host:port"`` -> ``"tcp://host:port"``; port 0 becomes ``*`` when binding.
 
     PADDLE_PSERVERS_IP_PORT_LIST spells endpoints without a scheme, so both
-    spellings are accepted. Other zmq transports (``ipc://``, ``inproc://``)
-    pass through unchanged.
+    spellings are accepted. ``ipc://path`` passes through unchanged
+    (``inproc://`` cannot work: server and client each own a zmq context).
 
     Raises:
         PSError: the endpoint is not ``host:port`` with a numeric port (or
@@ -26,7 +26,7 @@ def normalize_endpoint(endpoint: str, *, bind: bool = False) -> str:
     """
     if not isinstance(endpoint, str):
         raise PSError(f"endpoint must be a string like 'tcp://127.0.0.1:6170', got {endpoint!r}")
-    if endpoint.startswith(("ipc://", "inproc://")):
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
         return endpoint
     rest = endpoint[len("tcp://"):] if endpoint.startswith("tcp://") else endpoint
     m = _HOST_PORT.match(rest)
@@ -53,7 +53,7 @@ def recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
 
 
 class Waker:
-    """A file descriptor an I/O thread polls beside its zmq sockets; any thread may wake it.
+    """A file descriptor a thread polls beside its sockets' fds; any thread may wake it.
 
     ``wake()`` is thread-safe and never blocks; ``clear()`` belongs to the
     polling thread. Linux uses an eventfd, elsewhere a pipe.
@@ -84,7 +84,7 @@ class Waker:
     def clear(self) -> None:
         try:
             os.read(self._rfd, 4096)
-        except BlockingIOError:
+        except OSError:  # nothing to read, or closed meanwhile
             pass
 
     def close(self) -> None:

@@ -9,10 +9,11 @@ the sockets, receives whatever arrived and completes the matching handles,
 whoever they belong to; when it has its own reply it hands the role to
 another waiter. A background thread watches the connections (libzmq's
 socket monitor: handshakes, refusals, drops), fails calls past their
-deadline, and collects replies nobody is waiting for. Routing sends and
-replies through that thread instead cost two extra thread wake-ups per
-call, a third of a small round trip here. Many calls may be in flight per
-client and per server; replies may come back in any order.
+deadline, and collects replies nobody is waiting for (every 0.25 s).
+Routing sends and replies through that thread instead would cost two
+thread wake-ups per call (see :mod:`shoal.ps.rpc.server` for the numbers).
+Many calls may be in flight per client and per server; replies may come
+back in any order.
 
 Failures surface from :meth:`Handle.wait`:
 

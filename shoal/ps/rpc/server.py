@@ -7,14 +7,16 @@ Threading model (what a server author must know):
   makes sharing one safe). One idle worker at a time, the *leader*, polls
   the socket; when a request arrives it takes it, passes the leader role to
   the next idle worker and runs the handler itself, then sends the reply
-  itself. A request thus reaches its handler without a hand-off between
-  threads. (An I/O thread that owns the socket and queues requests to a
-  pool, the usual design, cost one thread wake-up per request on the way in
-  and one on the way out: about a third of a small round trip, and a
-  quarter of a 1 MiB one, on the 2-core machines here.) Because another
-  thread's send can consume the socket's edge-triggered wake-up signal, the
-  leader polls the socket's ZMQ_FD rather than the socket, and a sender
-  that sees input waiting wakes it through an eventfd.
+  itself. A request thus reaches its handler, and its reply the socket,
+  without a hand-off between threads. (The usual design, an I/O thread
+  that owns the socket and passes requests and replies to and from a pool
+  through queues, costs two thread wake-ups per request; with the client's
+  equivalent it held a 1 MiB echo to 0.43 of a bare pyzmq echo's throughput
+  on the 2-core machines here, where this design and the client's reach
+  about 0.7, see bench/ps_rpc.py.) Because another thread's send can
+  consume the socket's edge-triggered wake-up signal, the leader polls the
+  socket's ZMQ_FD rather than the socket, and a sender that sees input
+  waiting wakes it through an eventfd.
 - Handlers run **concurrently**, up to ``n_threads`` at a time, in any
   order: a handler that touches shared state locks it. Requests from one
   client are not serialized. When all workers are busy, requests wait in
@@ -35,6 +37,12 @@ Threading model (what a server author must know):
   The arrays it returns are sent without a copy, after the handler has
   returned: return arrays the server will not modify afterwards (a fresh
   result or a copy, never a view into a live table).
+- Limits: a request larger than ``max_bytes`` (all frames) gets an error
+  reply, so does a header over 1 MiB, more than 4096 arrays or 32
+  dimensions (see :mod:`.wire`); a single frame over ``2 * max_bytes + 1
+  MiB`` makes libzmq drop the connection (MAXMSGSIZE), a defence against
+  memory exhaustion. Replies are never dropped for a full queue (SNDHWM is
+  unlimited); a reply to a client that has gone is dropped by ROUTER.
 
 Example::
 

@@ -6,6 +6,10 @@ from setuptools import setup
 ext_modules = [
     # The uint64 key -> row hash map of the parameter server's sparse tables.
     Pybind11Extension("shoal.ps._keymap", ["csrc/keymap.cpp"], cxx_std=17, extra_compile_args=["-O3"]),
+    # Fused in-place optimizer updates of the numpy backend (engine and dense PS tables).
+    Pybind11Extension("shoal.kernels._fused", ["csrc/fused.cpp"], cxx_std=17,
+                      # sqrt vectorizes only when it need not set errno (nothing here reads errno)
+                      extra_compile_args=["-O3", "-fno-math-errno"]),
 ]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

@@ -112,6 +112,10 @@ class Backend(ABC):
         """``target[index] += values`` in place for any numpy-style index, duplicates adding."""
         self.xp.add.at(target, index, values)
 
+    def all_finite(self, a) -> bool:
+        """True when no element of `a` is NaN or infinite."""
+        return bool(self.xp.isfinite(a).all())
+
     # -- optimizer updates (dense, in place) ---------------------------------
     def sgd_(self, param, grad, lr: float) -> None:
         param -= lr * grad

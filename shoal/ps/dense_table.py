@@ -34,7 +34,7 @@ class DenseTable:
                              f"{want} (this server's slice [{self.start}, {self.end}) of "
                              f"{self.spec.size}), got {getattr(arr, 'dtype', type(arr).__name__)} "
                              f"{getattr(arr, 'shape', '')}")
-        if not np.isfinite(arr).all():
+        if not self._be.all_finite(arr):
             raise TableError(f"{op} on dense table {self.spec.name!r}: values hold NaN or inf; "
                              f"nothing was applied")
         return arr

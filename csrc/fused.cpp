@@ -1,0 +1,138 @@
+// Fused in-place optimizer updates over contiguous float32 arrays (module shoal.kernels._fused).
+//
+// numpy runs an Adam step as ~11 passes over memory, each with a temporary;
+// these loops read each operand once and write each result once. They are
+// what the numpy backend uses for float32 C-contiguous arrays (the engine's
+// parameters, the parameter server's dense tables); anything else takes the
+// generic numpy path. Every function releases the GIL.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+
+namespace py = pybind11;
+
+namespace {
+
+using F32 = py::array_t<float, py::array::c_style>;
+
+float* data_of(py::array& a, const char* what, py::ssize_t n) {
+    if (!a.dtype().equal(py::dtype::of<float>()) || !(a.flags() & py::array::c_style) ||
+        !a.writeable() || a.size() != n) {
+        throw py::type_error(std::string(what) +
+                             " must be a writeable C-contiguous float32 array of the parameter's size");
+    }
+    return static_cast<float*>(a.mutable_data());
+}
+
+const float* cdata_of(const py::array& a, const char* what, py::ssize_t n) {
+    if (!a.dtype().equal(py::dtype::of<float>()) || !(a.flags() & py::array::c_style) || a.size() != n) {
+        throw py::type_error(std::string(what) + " must be a C-contiguous float32 array of the parameter's size");
+    }
+    return static_cast<const float*>(a.data());
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_fused, m) {
+    m.doc() = "Fused in-place optimizer updates over contiguous float32 arrays.";
+
+    m.def(
+        "sgd",
+        [](py::array p, const py::array& g, double lr_d) {
+            const float lr = static_cast<float>(lr_d);
+            const py::ssize_t n = p.size();
+            float* pp = data_of(p, "param", n);
+            const float* gg = cdata_of(g, "grad", n);
+            py::gil_scoped_release nogil;
+            for (py::ssize_t i = 0; i < n; ++i) pp[i] -= lr * gg[i];
+        },
+        py::arg("param"), py::arg("grad"), py::arg("lr"), "param -= lr * grad, in place.");
+
+    m.def(
+        "momentum",
+        [](py::array p, const py::array& g, py::array v, double lr_d, double mu_d, bool nesterov) {
+            const float lr = static_cast<float>(lr_d), mu = static_cast<float>(mu_d);
+            const py::ssize_t n = p.size();
+            float* pp = data_of(p, "param", n);
+            float* vv = data_of(v, "velocity", n);
+            const float* gg = cdata_of(g, "grad", n);
+            py::gil_scoped_release nogil;
+            for (py::ssize_t i = 0; i < n; ++i) {
+                const float vi = mu * vv[i] + gg[i];
+                vv[i] = vi;
+                pp[i] -= nesterov ? lr * (gg[i] + mu * vi) : lr * vi;
+            }
+        },
+        py::arg("param"), py::arg("grad"), py::arg("velocity"), py::arg("lr"), py::arg("momentum"),
+        py::arg("nesterov"), "v = mu * v + g; param -= lr * v (or lr * (g + mu * v) with Nesterov).");
+
+    m.def(
+        "adam",
+        [](py::array p, const py::array& g, py::array m1, py::array m2, double lr, double b1_d, double b2_d,
+           double eps_d, int64_t step, double weight_decay) {
+            // Derived constants in double, then rounded once, as numpy does with Python floats.
+            const float b1 = static_cast<float>(b1_d), b2 = static_cast<float>(b2_d);
+            const float eps = static_cast<float>(eps_d);
+            const py::ssize_t n = p.size();
+            float* pp = data_of(p, "param", n);
+            float* mm = data_of(m1, "moment1", n);
+            float* vv = data_of(m2, "moment2", n);
+            const float* gg = cdata_of(g, "grad", n);
+            const double bias1 = 1.0 - std::pow(b1_d, static_cast<double>(step));
+            const double bias2 = 1.0 - std::pow(b2_d, static_cast<double>(step));
+            const float step_size = static_cast<float>(lr / bias1);
+            const float inv_sqrt_bias2 = static_cast<float>(1.0 / std::sqrt(bias2));
+            const float decay = static_cast<float>(1.0 - lr * weight_decay);
+            const float c1 = static_cast<float>(1.0 - b1_d), c2 = static_cast<float>(1.0 - b2_d);
+            py::gil_scoped_release nogil;
+            for (py::ssize_t i = 0; i < n; ++i) {
+                const float gi = gg[i];
+                const float mi = b1 * mm[i] + c1 * gi;
+                const float vi = b2 * vv[i] + c2 * (gi * gi);
+                mm[i] = mi;
+                vv[i] = vi;
+                pp[i] = pp[i] * decay - step_size * mi / (std::sqrt(vi) * inv_sqrt_bias2 + eps);
+            }
+        },
+        py::arg("param"), py::arg("grad"), py::arg("moment1"), py::arg("moment2"), py::arg("lr"),
+        py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("step"), py::arg("weight_decay"),
+        "One bias-corrected Adam step; a non-zero weight_decay is decoupled (AdamW).");
+
+    m.def(
+        "adagrad",
+        [](py::array p, const py::array& g, py::array acc, double lr_d, double eps_d) {
+            const float lr = static_cast<float>(lr_d), eps = static_cast<float>(eps_d);
+            const py::ssize_t n = p.size();
+            float* pp = data_of(p, "param", n);
+            float* aa = data_of(acc, "moment", n);
+            const float* gg = cdata_of(g, "grad", n);
+            py::gil_scoped_release nogil;
+            for (py::ssize_t i = 0; i < n; ++i) {
+                const float ai = aa[i] + gg[i] * gg[i];
+                aa[i] = ai;
+                pp[i] -= lr * gg[i] / (std::sqrt(ai) + eps);
+            }
+        },
+        py::arg("param"), py::arg("grad"), py::arg("moment"), py::arg("lr"), py::arg("eps"),
+        "acc += g * g; param -= lr * g / (sqrt(acc) + eps).");
+
+    m.def(
+        "all_finite",
+        [](const py::array& a) {
+            if (!a.dtype().equal(py::dtype::of<float>()) || !(a.flags() & py::array::c_style))
+                throw py::type_error("all_finite needs a C-contiguous float32 array");
+            const float* x = static_cast<const float*>(a.data());
+            const py::ssize_t n = a.size();
+            py::gil_scoped_release nogil;
+            // Inf and NaN are the values whose exponent bits are all ones; an integer
+            // OR-reduction over that test vectorizes (a float sum would not, without fast-math).
+            const uint32_t* bits = reinterpret_cast<const uint32_t*>(x);
+            uint32_t bad = 0;
+            for (py::ssize_t i = 0; i < n; ++i) bad |= static_cast<uint32_t>((bits[i] & 0x7f800000u) == 0x7f800000u);
+            return bad == 0;
+        },
+        py::arg("array"), "True when every element is finite (one pass, no temporary).");
+}

@@ -6,11 +6,12 @@
     gathering rows by precomputed row indices and applying the same adagrad
     update to precomputed unique rows of a pre-built array.
 (b) loopback, 1 server process: pull and push throughput (MB/s) of a dense
-    table with its real rule for 1 MiB and 16 MiB payloads, and of sparse
-    pulls/pushes of the same byte size beside them; reference: bare pyzmq
-    DEALER/ROUTER moving the same bytes the same way in another process (a
-    small request answered by the payload for pulls, the payload answered by
-    a small reply for pushes).
+    table with its real rule (adam) for 1 MiB and 16 MiB payloads, and of
+    sparse pulls/pushes of the same byte size beside them. References, in
+    another process: a bare pyzmq DEALER/ROUTER echo of the same bytes (the
+    issue's reference), and, stricter, bare pyzmq moving the bytes once the
+    same way (a small request answered by the payload for pulls, the payload
+    answered by a small reply for pushes).
 
 Each case interleaves the two sides and reports medians. Usage:
     python bench/ps_table.py [--keys 10000000] [--batch 100000] [--rounds 15] [--skip-rpc]
@@ -100,7 +101,8 @@ def bench_in_process(n_keys: int, batch: int, rounds: int) -> None:
 
 # -- over loopback ------------------------------------------------------------------------------
 def _echo_server(conn):
-    """Bare pyzmq peer: b"get N" -> N bytes back (a pull's shape); data -> b"ok" (a push's)."""
+    """Bare pyzmq peer. [b"get", n] -> n bytes back (a pull's shape); [b"put", data] -> b"ok"
+    (a push's); [b"echo", data] -> data back (the issue's echo reference); [b"stop"] ends."""
     import zmq
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
@@ -108,14 +110,15 @@ def _echo_server(conn):
     conn.send(f"tcp://127.0.0.1:{port}")
     blobs = {}
     while True:
-        ident, msg = sock.recv_multipart(copy=False)
-        head = bytes(msg.buffer[:4])
-        if head == b"stop":
+        ident, cmd, *rest = sock.recv_multipart(copy=False)
+        cmd = bytes(cmd.buffer)
+        if cmd == b"stop":
             break
-        if head == b"get ":
-            n = int(bytes(msg.buffer[4:]))
-            blob = blobs.setdefault(n, np.ones(n // 4, np.float32))
-            sock.send_multipart([ident, blob], copy=False)
+        if cmd == b"get":
+            n = int(bytes(rest[0].buffer))
+            sock.send_multipart([ident, blobs.setdefault(n, np.ones(n // 4, np.float32))], copy=False)
+        elif cmd == b"echo":
+            sock.send_multipart([ident, *rest], copy=False)
         else:
             sock.send_multipart([ident, b"ok"], copy=False)
     sock.close(linger=0)
@@ -160,20 +163,30 @@ def bench_loopback(rounds: int) -> None:
             grads = np.ones((n_keys, DIM), np.float32)
 
             def bare_fetch():
-                dealer.send(b"get %d" % payload.nbytes)
+                dealer.send_multipart([b"get", b"%d" % payload.nbytes])
                 dealer.recv(copy=False)
 
             def bare_send():
-                dealer.send(payload, copy=False)
+                dealer.send_multipart([b"put", payload], copy=False)
                 dealer.recv()
 
-            cases = {
-                "dense_pull": (lambda: client.pull_dense(f"d{mib}"), bare_fetch),
-                "dense_push": (lambda: client.push_dense(f"d{mib}", payload), bare_send),
-                "sparse_pull": (lambda: client.pull_sparse(f"s{mib}", keys), bare_fetch),
-                "sparse_push": (lambda: client.push_sparse(f"s{mib}", keys, grads), bare_send),
-            }
-            for name, (fn, ref) in cases.items():
+            def bare_echo():
+                dealer.send_multipart([b"echo", payload], copy=False)
+                dealer.recv(copy=False)
+
+            dense_pull = lambda: client.pull_dense(f"d{mib}")  # noqa: E731
+            dense_push = lambda: client.push_dense(f"d{mib}", payload)  # noqa: E731
+            cases = [
+                # the issue's reference: a bare echo of the same bytes (they cross twice)
+                ("dense_pull", dense_pull, bare_echo),
+                ("dense_push", dense_push, bare_echo),
+                # stricter, like for like: bare pyzmq moving the bytes once, the same way
+                ("dense_pull", dense_pull, bare_fetch),
+                ("dense_push", dense_push, bare_send),
+                ("sparse_pull", lambda: client.pull_sparse(f"s{mib}", keys), bare_fetch),
+                ("sparse_push", lambda: client.push_sparse(f"s{mib}", keys, grads), bare_send),
+            ]
+            for name, fn, ref in cases:
                 t_case, t_ref = [], []
                 for r in range(rounds + 2):
                     pair = (fn, ref) if r % 2 else (ref, fn)
@@ -192,7 +205,7 @@ def bench_loopback(rounds: int) -> None:
     finally:
         client.stop_servers()
         client.close()
-        dealer.send(b"stop")
+        dealer.send_multipart([b"stop"])
         dealer.close(linger=0)
         zctx.term()
         server.join(15)

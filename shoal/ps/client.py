@@ -3,9 +3,9 @@
 Keys are partitioned over the servers by a mixing hash (ps/partition.py);
 a pull deduplicates its keys, asks every server for its share at once and
 scatters the rows back to the caller's order; a push merges the gradients of
-duplicate keys first (kernels' segment_sum). Every call has a timeout; pushes
-carry (client id, sequence number) and are retried on a timeout with the same
-number, so a server applies each push once.
+duplicate keys first (one hashing pass of the native map's merge_rows). Every call has a timeout; pushes
+carry (client id, sequence number) and are retried on a timeout or a dropped
+connection with the same number, so a server applies each push once.
 
 Thread-safety: every method may be called from several threads at once.
 `*_async` methods return without waiting: call `wait()` on the handle, and do
@@ -19,8 +19,8 @@ import uuid
 
 import numpy as np
 
-from shoal.kernels import get_backend
-from shoal.ps.errors import PSError, PSTimeoutError, TableError
+from shoal.ps.errors import ConnectionLostError, PSError, PSTimeoutError, TableError
+from shoal.ps._keymap import merge_rows, unique_inverse
 from shoal.ps.partition import partition
 from shoal.ps.rpc import RpcClient
 from shoal.ps.spec import spec_to_dict
@@ -41,7 +41,8 @@ class PSHandle:
 
 def _groups(owner: np.ndarray, n: int):
     """(server, positions) for each server that owns some of the keys."""
-    order = np.argsort(owner, kind="stable")
+    # owners are small ints: a stable sort of uint16 is numpy's O(n) radix sort
+    order = np.argsort(owner.astype(np.uint16) if n <= 65535 else owner, kind="stable")
     bounds = np.searchsorted(owner[order], np.arange(n + 1))
     for s in range(n):
         if bounds[s + 1] > bounds[s]:
@@ -66,7 +67,6 @@ class PSClient:
         self.n = len(self.rpc.endpoints)
         self.timeout, self.retries = timeout, retries
         self.specs: dict = {}
-        self._be = get_backend("numpy")
 
     # -- plumbing --------------------------------------------------------------------
     def _wait_all(self, handles: list, timeout: float | None = None) -> list:
@@ -94,9 +94,11 @@ class PSClient:
             for attempt in range(self.retries + 1):
                 try:
                     return current[0].wait(timeout)
-                except PSTimeoutError:
+                except (PSTimeoutError, ConnectionLostError):
+                    # applied or not, the same seq makes the resend safe
                     if attempt == self.retries:
                         raise
+                    time.sleep(0.1 * (attempt + 1))
                     current[0] = self.rpc.call_async(server, op, header, arrays)
         return PSHandle(finish)
 
@@ -130,7 +132,7 @@ class PSClient:
     # -- sparse ------------------------------------------------------------------------
     def pull_sparse_async(self, table: str, keys: np.ndarray, training: bool = True) -> PSHandle:
         spec = self._spec(table, "sparse")
-        uniq, inverse = np.unique(self._keys(keys), return_inverse=True)
+        uniq, inverse = unique_inverse(self._keys(keys))
         owner = partition(uniq, self.n)
         parts = [(pos, self.rpc.call_async(s, "pull_sparse", {"table": table, "training": training},
                                            [uniq[pos]]))
@@ -159,7 +161,7 @@ class PSClient:
             raise TableError(f"push_sparse {table!r}: grads {grads.shape}, shows {shows.shape}, "
                              f"clicks {clicks.shape} do not fit {n} keys of dim {spec.dim}")
         packed = np.concatenate([np.asarray(grads, np.float32), shows[:, None], clicks[:, None]], axis=1)
-        uniq, merged = self._be.segment_sum(keys, packed)
+        uniq, merged = merge_rows(keys, packed)
         owner = partition(uniq, self.n)
         d = spec.dim
         handles = [self._push(s, "push_sparse", {"table": table},
@@ -175,8 +177,8 @@ class PSClient:
     def push_sparse_delta(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None:
         """GEO: add deltas to existing rows (duplicate keys merged first)."""
         spec = self._spec(table, "sparse")
-        uniq, merged = self._be.segment_sum(self._keys(keys), np.asarray(deltas, np.float32)
-                                            .reshape(len(keys), spec.dim))
+        uniq, merged = merge_rows(self._keys(keys), np.ascontiguousarray(deltas, np.float32)
+                                  .reshape(len(keys), spec.dim))
         owner = partition(uniq, self.n)
         self._wait_all([self._push(s, "push_delta", {"table": table}, [uniq[pos], merged[pos]])
                         for s, pos in _groups(owner, self.n)])

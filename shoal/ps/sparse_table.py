@@ -297,7 +297,7 @@ class SparseTable:
         if len(self.shards) == 1:
             yield self.shards[0], slice(None)
             return
-        sid = shard_of(keys, len(self.shards))
+        sid = shard_of(keys, len(self.shards)).astype(np.uint8)  # small ints: a radix sort
         order = np.argsort(sid, kind="stable")
         bounds = np.searchsorted(sid[order], np.arange(len(self.shards) + 1))
         for i, shard in enumerate(self.shards):

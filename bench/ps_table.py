@@ -40,6 +40,16 @@ def emit(case: str, value: float, unit: str, reference: str, ratio: float, **ext
                       "reference": reference, "ratio": round(ratio, 3), **extra}), flush=True)
 
 
+def timed_pair(first, second, r: int) -> tuple[float, float]:
+    """Run both once, in an order that alternates with `r`; their times, in (first, second) order."""
+    times = {}
+    for fn in ((first, second) if r % 2 else (second, first)):
+        t = time.perf_counter()
+        fn()
+        times[fn] = time.perf_counter() - t
+    return times[first], times[second]
+
+
 def zipf_keys(rng, n_keys: int, batch: int) -> np.ndarray:
     """Zipf-like (s ~ 1.1) ranks over n_keys, mapped to scattered uint64 ids."""
     ranks = np.minimum(rng.zipf(1.1, batch), n_keys) - 1
@@ -85,15 +95,10 @@ def bench_in_process(n_keys: int, batch: int, rounds: int) -> None:
             g2 += (merged * merged).mean(axis=1, keepdims=True)
             ref_emb[uniq], ref_g2[uniq] = w, g2
 
-        order = (run_table, run_ref) if r % 2 else (run_ref, run_table)
-        times = {}
-        for fn in order:
-            t = time.perf_counter()
-            fn()
-            times[fn] = time.perf_counter() - t
+        tt, tr = timed_pair(run_table, run_ref, r)
         if r >= 2:
-            t_table.append(times[run_table])
-            t_ref.append(times[run_ref])
+            t_table.append(tt)
+            t_ref.append(tr)
     mt, mr = statistics.median(t_table), statistics.median(t_ref)
     emit(f"pull_push_{batch // 1000}k_of_{n_keys // 1_000_000}M_dim{DIM}_adagrad", batch / mt,
          "keys/s", "numpy_index", mr / mt, reference_value=round(batch / mr, 1))
@@ -189,15 +194,10 @@ def bench_loopback(rounds: int) -> None:
             for name, fn, ref in cases:
                 t_case, t_ref = [], []
                 for r in range(rounds + 2):
-                    pair = (fn, ref) if r % 2 else (ref, fn)
-                    times = {}
-                    for f in pair:
-                        t = time.perf_counter()
-                        f()
-                        times[f] = time.perf_counter() - t
+                    tc, tr = timed_pair(fn, ref, r)
                     if r >= 2:
-                        t_case.append(times[fn])
-                        t_ref.append(times[ref])
+                        t_case.append(tc)
+                        t_ref.append(tr)
                 mb = mib * 1.048576
                 mc, mr = statistics.median(t_case), statistics.median(t_ref)
                 emit(f"{name}_{mib}MiB", mb / mc, "MB/s", f"pyzmq_{ref.__name__}", mr / mc,

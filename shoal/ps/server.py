@@ -61,6 +61,7 @@ def serve(index: int, n_servers: int, endpoint: str, token: str, *, auth: str = 
                 break
     finally:
         rpc.stop(drain_timeout=10.0)
+        service.close()
 
 
 def main(argv=None) -> int:

@@ -288,3 +288,9 @@ class PSService:
     def op_stop(self, header, arrays):
         self.stop_requested.set()
         return {}, []
+
+    def close(self) -> None:
+        """Finish queued work (dense pushes written behind) once no request is in flight."""
+        for table in list(self.tables.values()):
+            if table.spec.kind == "dense":
+                table.close()

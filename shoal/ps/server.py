@@ -19,7 +19,7 @@ import threading
 
 from shoal.ps.errors import PSError
 from shoal.ps.rpc import RpcServer
-from shoal.ps.service import PSService
+from shoal.ps.service import INLINE_OPS, PSService
 
 TOKEN_ENV = "SHOAL_JOB_TOKEN"
 
@@ -51,7 +51,7 @@ def serve(index: int, n_servers: int, endpoint: str, token: str, *, auth: str = 
     service = PSService(index, n_servers, max_waiters=max(1, n_threads - 4))
     kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
     rpc = RpcServer(endpoint, token=token, auth=auth, handlers=service.handlers(),
-                    n_threads=n_threads, **kwargs)
+                    n_threads=n_threads, inline_ops=INLINE_OPS, **kwargs)
     real = rpc.start()
     try:
         if report is not None:

@@ -21,6 +21,10 @@ from shoal.ps.errors import PSError, PSTimeoutError, TableError
 from shoal.ps.sparse_table import SparseTable
 from shoal.ps.spec import spec_from_dict, spec_to_dict
 
+# Ops that never wait on other requests and finish in about a memory pass: the RPC
+# server serves them on the receiving thread (no thread switch per request).
+INLINE_OPS = frozenset({"pull_dense", "push_dense", "init_dense", "create_table", "stats"})
+
 OPS = ("create_table", "init_dense", "pull_sparse", "push_sparse", "pull_dense", "push_dense",
        "push_delta", "barrier", "reduce", "save", "commit_save", "load", "shrink", "stats", "stop")
 

@@ -491,3 +491,16 @@ def test_no_pickle_in_the_transport():
         text = path.read_text()
         for banned in ("import pickle", "pickle.", "marshal", "eval(", "exec(", "recv_pyobj", "send_pyobj"):
             assert banned not in text, f"{path.name} mentions {banned!r}"
+
+
+def test_inline_ops_are_served_while_a_slow_op_runs(rpc_server, rpc_client, job_token):
+    """An inline op is served on the receiving thread; other ops still get their own worker."""
+    server = rpc_server({"echo": echo, "slow": slow}, job_token, n_threads=2, inline_ops={"echo"})
+    client = rpc_client([server.endpoint], job_token, timeout=10)
+    slow_call = client.call_async(0, "slow", {"seconds": 3.0})
+    time.sleep(0.1)
+    for i in range(50):
+        header, arrays = client.call(0, "echo", {"tag": i}, [np.arange(i, dtype=np.int64)])
+        assert header["tag"] == i and arrays[0].tolist() == list(range(i))
+    assert not slow_call.done()  # the echoes were not queued behind the 3 s call (wide margin)
+    assert slow_call.wait()[0]["slept"] is True

@@ -111,6 +111,11 @@ class RpcServer:
             ``2 * max_bytes + 1 MiB`` makes libzmq drop the connection instead
             (the client sees ConnectionLostError).
         n_threads: worker threads: the most handlers running at once.
+        inline_ops: ops that never block and finish quickly: the thread that
+            received one serves it and keeps receiving, without waking another
+            worker (a thread switch less per request). Requests that arrive
+            meanwhile wait in the socket, so never list an op that can wait on
+            other requests (a barrier) or run long.
 
     Thread-safety: :meth:`start` and :meth:`stop` may be called from any
     thread except a handler's; :attr:`endpoint` and :attr:`state` from any
@@ -119,7 +124,8 @@ class RpcServer:
 
     def __init__(self, endpoint: str = "tcp://127.0.0.1:*", *, token: str | bytes,
                  auth: AuthMode | str = AuthMode.PLAIN, handlers: Mapping[str, Handler],
-                 max_bytes: int = wire.DEFAULT_MAX_BYTES, n_threads: int = 4) -> None:
+                 max_bytes: int = wire.DEFAULT_MAX_BYTES, n_threads: int = 4,
+                 inline_ops: frozenset[str] | set[str] = frozenset()) -> None:
         self._bind_to = normalize_endpoint(endpoint, bind=True)
         self._token = token_bytes(token)
         self._auth = AuthMode.parse(auth)
@@ -127,6 +133,7 @@ class RpcServer:
         if bad:
             raise PSError(f"handlers must map op names (str) to callables; bad entries: {bad!r}")
         self._handlers = dict(handlers)
+        self._inline_ops = frozenset(inline_ops)
         if max_bytes <= 0 or n_threads <= 0:
             raise PSError(f"max_bytes={max_bytes} and n_threads={n_threads} must be positive")
         self.max_bytes = int(max_bytes)
@@ -293,14 +300,20 @@ class RpcServer:
         while True:
             if tokens.get() is _QUIT:
                 return
-            try:
-                request = self._lead()
-            except BaseException:
-                _log.exception("rpc server %s: receiving failed", self._endpoint)
-                request = None
-            tokens.put(_LEAD)  # the next idle worker receives while this one serves
-            if request is not None:
-                self._serve_one(*request)
+            while True:
+                try:
+                    request = self._lead()
+                except BaseException:
+                    _log.exception("rpc server %s: receiving failed", self._endpoint)
+                    request = None
+                if request is not None and request[1] and \
+                        wire.peek_ids(request[1][0])[1] in self._inline_ops:
+                    self._serve_one(*request)  # quick: serve it and stay the leader
+                    continue
+                tokens.put(_LEAD)  # the next idle worker receives while this one serves
+                if request is not None:
+                    self._serve_one(*request)
+                break
 
     def _lead(self) -> tuple[zmq.Frame, list] | None:
         """Poll the socket until a request arrives (returned, and counted in flight) or the server closes."""

@@ -39,6 +39,20 @@ def normalize_endpoint(endpoint: str, *, bind: bool = False) -> str:
     return f"tcp://{host}:{port}"
 
 
+# Below this size a frame is cheaper to copy into libzmq than to hand over by
+# reference (pyzmq's zero-copy send tracks the buffer until libzmq frees it).
+ZERO_COPY_MIN_BYTES = 64 * 1024
+
+
+def send_frames(sock: zmq.Socket, frames, flags: int = 0) -> None:
+    """Send a multipart message: large frames without a copy, small ones copied."""
+    last = len(frames) - 1
+    more = flags | zmq.SNDMORE
+    for i, frame in enumerate(frames):
+        size = frame.nbytes if hasattr(frame, "nbytes") else len(frame)
+        sock.send(frame, flags if i == last else more, copy=size < ZERO_COPY_MIN_BYTES)
+
+
 def recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
     """``sock.recv_multipart(NOBLOCK, copy=False)`` without its RCVMORE getsockopt per frame.
 

@@ -57,7 +57,7 @@ from zmq.utils.monitor import recv_monitor_message
 from shoal.ps.errors import (AuthError, ClosedError, ConnectionLostError, PSError, PSTimeoutError,
                              RemoteError, WireError)
 from shoal.ps.rpc import wire
-from shoal.ps.rpc._io import Waker, normalize_endpoint, recv_frames
+from shoal.ps.rpc._io import Waker, normalize_endpoint, recv_frames, send_frames
 from shoal.ps.rpc.auth import AuthMode, configure_client_socket, token_bytes
 from shoal.ps.rpc.handle import Handle
 
@@ -69,7 +69,6 @@ _MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AU
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
                    | zmq.EVENT_DISCONNECTED)
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
-_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 _TOKEN_HINT = "check that SHOAL_JOB_TOKEN and the auth mode (plain/curve) are the same on both sides"
 
 
@@ -233,9 +232,7 @@ class RpcClient:
             sock = socks[server]
             try:
                 # Never blocks: SNDHWM is unlimited, and before the handshake libzmq queues.
-                last = len(frames) - 1
-                for i, frame in enumerate(frames):
-                    sock.send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK, copy=False)
+                send_frames(sock, frames, _NOBLOCK)
                 error = None
             except zmq.ZMQError as e:
                 error = e

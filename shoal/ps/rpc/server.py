@@ -68,7 +68,7 @@ import zmq
 
 from shoal.ps.errors import ClosedError, PSError, UnknownOpError, WireError
 from shoal.ps.rpc import wire
-from shoal.ps.rpc._io import Waker, normalize_endpoint, recv_frames
+from shoal.ps.rpc._io import Waker, normalize_endpoint, recv_frames, send_frames
 from shoal.ps.rpc.auth import AuthMode, configure_server_socket, start_authenticator, token_bytes
 
 Handler = Callable[[dict, list[np.ndarray]], tuple[dict, list[np.ndarray]]]
@@ -76,7 +76,6 @@ Handler = Callable[[dict, list[np.ndarray]], tuple[dict, list[np.ndarray]]]
 _log = logging.getLogger("shoal.ps.rpc.server")
 _FLUSH_LINGER_MS = 1000  # at most this long for the last replies to leave after draining
 _EVENTS, _POLLIN, _NOBLOCK = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.NOBLOCK)
-_SNDMORE_NOBLOCK = int(zmq.SNDMORE) | _NOBLOCK
 _LEAD, _QUIT = "lead", "quit"  # the tokens in the workers' queue
 
 
@@ -354,10 +353,7 @@ class RpcServer:
                 return
             try:
                 # Never blocks: SNDHWM is unlimited; a vanished client's reply is dropped by ROUTER.
-                sock.send(ident, _SNDMORE_NOBLOCK, copy=False)
-                last = len(reply) - 1
-                for i, frame in enumerate(reply):
-                    sock.send(frame, _NOBLOCK if i == last else _SNDMORE_NOBLOCK, copy=False)
+                send_frames(sock, [ident, *reply], _NOBLOCK)
             except zmq.ZMQError as e:
                 _log.warning("rpc server %s: could not send a reply: %s", self._endpoint, e)
             # The send may have consumed the socket's edge-triggered wake-up: tell the leader.

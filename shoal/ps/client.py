@@ -134,8 +134,8 @@ class PSClient:
         spec = self._spec(table, "sparse")
         uniq, inverse = unique_inverse(self._keys(keys))
         owner = partition(uniq, self.n)
-        parts = [(pos, self.rpc.call_async(s, "pull_sparse", {"table": table, "training": training},
-                                           [uniq[pos]]))
+        header = {"table": table, "training": training, "unique": True}
+        parts = [(pos, self.rpc.call_async(s, "pull_sparse", header, [uniq[pos]]))
                  for s, pos in _groups(owner, self.n)]
 
         def finish(timeout=None):
@@ -163,10 +163,8 @@ class PSClient:
         packed = np.concatenate([np.asarray(grads, np.float32), shows[:, None], clicks[:, None]], axis=1)
         uniq, merged = merge_rows(keys, packed)
         owner = partition(uniq, self.n)
-        d = spec.dim
-        handles = [self._push(s, "push_sparse", {"table": table},
-                              [uniq[pos], np.ascontiguousarray(merged[pos, :d]),
-                               np.ascontiguousarray(merged[pos, d]), np.ascontiguousarray(merged[pos, d + 1])])
+        # on the wire a push is (keys, [grads | show | click]): merged rows go as they are
+        handles = [self._push(s, "push_sparse", {"table": table}, [uniq[pos], merged[pos]])
                    for s, pos in _groups(owner, self.n)]
         return PSHandle(lambda timeout=None: self._wait_all(handles, timeout) and None)
 

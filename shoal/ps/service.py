@@ -148,15 +148,16 @@ class PSService:
     def op_pull_sparse(self, header, arrays):
         table = self._table(header, "pull_sparse", "sparse")
         (keys,) = _arrays(arrays, 1, "pull_sparse", "keys")
-        training = header.get("training", True)
-        if not isinstance(training, bool):
-            raise PSError(f"pull_sparse: 'training' must be true or false, got {training!r}")
-        return {}, [table.pull(keys, training=training)]
+        training, unique = header.get("training", True), header.get("unique", False)
+        if not isinstance(training, bool) or not isinstance(unique, bool):
+            raise PSError(f"pull_sparse: 'training' and 'unique' must be true or false, got "
+                          f"{training!r} and {unique!r}")
+        return {}, [table.pull(keys, training=training, unique=unique)]
 
     def op_push_sparse(self, header, arrays):
         table = self._table(header, "push_sparse", "sparse")
-        keys, grads, shows, clicks = _arrays(arrays, 4, "push_sparse", "keys, grads, shows, clicks")
-        applied = self._ledger.run_once(header, lambda: table.push(keys, grads, shows, clicks))
+        keys, packed = _arrays(arrays, 2, "push_sparse", "keys, [grads | show | click]")
+        applied = self._ledger.run_once(header, lambda: table.push_packed(keys, packed))
         return {"applied": applied}, []
 
     def op_pull_dense(self, header, arrays):

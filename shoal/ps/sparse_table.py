@@ -304,20 +304,22 @@ class SparseTable:
             if bounds[i + 1] > bounds[i]:
                 yield shard, order[bounds[i]:bounds[i + 1]]
 
-    def pull(self, keys: np.ndarray, training: bool = True) -> np.ndarray:
+    def pull(self, keys: np.ndarray, training: bool = True, unique: bool = False) -> np.ndarray:
         """Rows [n, dim] for `keys` (any order, duplicates allowed).
 
         With `training`, absent keys admitted by the entry policy get rows;
         without it the pull is read-only: no row created, no statistic touched.
-        Keys without a row read as zeros.
+        Keys without a row read as zeros. `unique` says the caller already
+        deduplicated the keys (the client does), which skips a hashing pass;
+        duplicates are still answered correctly if it is wrong.
         """
         keys = self._check_keys(keys, "pull_sparse")
-        uniq, inverse = unique_inverse(keys)
+        uniq, inverse = (keys, None) if unique else unique_inverse(keys)
         out = np.empty((len(uniq), self.spec.dim), np.float32)
         for shard, pos in self._groups(uniq):
             with shard.lock:
                 out[pos] = shard.pull(uniq[pos], training)
-        return out[inverse]
+        return out if inverse is None else out[inverse]
 
     def push(self, keys: np.ndarray, grads: np.ndarray, shows: np.ndarray | None = None,
              clicks: np.ndarray | None = None) -> None:
@@ -332,7 +334,14 @@ class SparseTable:
         self._check_rows(grads, n, "push_sparse", "grads", finite=False)
         self._check_rows(shows, n, "push_sparse", "shows", (n,), finite=False)
         self._check_rows(clicks, n, "push_sparse", "clicks", (n,), finite=False)
-        packed = np.concatenate([grads, shows[:, None], clicks[:, None]], axis=1)
+        self.push_packed(keys, np.concatenate([grads, shows[:, None], clicks[:, None]], axis=1))
+
+    def push_packed(self, keys: np.ndarray, packed: np.ndarray) -> None:
+        """`push` with gradients, shows and clicks as one float32 [n, dim + 2] array (the wire form)."""
+        keys = self._check_keys(keys, "push_sparse")
+        dim = self.spec.dim
+        self._check_rows(packed, len(keys), "push_sparse", "packed [grads | show | click]",
+                         (len(keys), dim + 2), finite=False)
         uniq, merged = merge_rows(keys, packed)
         # a NaN or inf anywhere in the input survives the sums: checking the merged rows suffices
         if not np.isfinite(merged).all():

@@ -87,7 +87,7 @@ def test_a_retried_push_is_applied_once(client):
     client.pull_sparse("once", key)
     server = int(partition(key, client.n)[0])
     header = {"table": "once", "seq": client.rpc.next_seq()}
-    arrays = [key, np.ones((1, 2), np.float32), np.ones(1, np.float32), np.zeros(1, np.float32)]
+    arrays = [key, np.array([[1.0, 1.0, 1.0, 0.0]], np.float32)]  # [grads | show | click]
     first = client.rpc.call(server, "push_sparse", header, arrays)[0]
     again = client.rpc.call(server, "push_sparse", header, arrays)[0]
     assert first["applied"] is True and again["applied"] is False
@@ -158,18 +158,18 @@ def filled(client):
 
 @pytest.mark.parametrize("op,header,arrays,match", [
     ("push_sparse", {"table": "bad"},
-     [np.arange(2, dtype=np.uint64), np.ones((2, 5), np.float32), np.ones(2, np.float32),
-      np.zeros(2, np.float32)], "grads must be float32 of shape \\(2, 4\\)"),
+     [np.arange(2, dtype=np.uint64), np.ones((2, 7), np.float32)],
+     r"must be float32 of shape \(2, 6\)"),
     ("push_sparse", {"table": "bad"},
-     [np.arange(2, dtype=np.uint64), np.ones((2, 4), np.float64), np.ones(2, np.float32),
-      np.zeros(2, np.float32)], "grads must be float32"),
+     [np.arange(2, dtype=np.uint64), np.ones((2, 6), np.float64)], "must be float32"),
     ("push_sparse", {"table": "bad"},
-     [np.arange(2, dtype=np.int64), np.ones((2, 4), np.float32), np.ones(2, np.float32),
-      np.zeros(2, np.float32)], "keys must be a 1-D uint64"),
+     [np.arange(2, dtype=np.int64), np.ones((2, 6), np.float32)], "keys must be a 1-D uint64"),
+    ("push_sparse", {"table": "bad"},
+     [np.arange(2, dtype=np.uint64), np.full((2, 6), np.inf, np.float32)], "NaN or inf"),
     ("push_sparse", {"table": "nope"}, [], "unknown table 'nope'"),
-    ("push_sparse", {"table": "bad"}, [np.arange(2, dtype=np.uint64)], "expected 4 arrays"),
+    ("push_sparse", {"table": "bad"}, [np.arange(2, dtype=np.uint64)], "expected 2 arrays"),
     ("pull_sparse", {"table": "bad", "training": "yes"}, [np.arange(2, dtype=np.uint64)],
-     "'training' must be true or false"),
+     "'training' and 'unique' must be true or false"),
     ("frobnicate", {}, [], "frobnicate"),
 ])
 def test_bad_requests_get_an_error_reply_and_change_nothing(filled, op, header, arrays, match):

@@ -216,3 +216,15 @@ def test_spec_from_dict_rejects_unknown_fields():
         SparseTableSpec.from_dict({"name": "t", "dimm": 4})
     spec = SparseTableSpec(name="t", dim=4, weight_bounds=(-1.0, 1.0))
     assert SparseTableSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_pull_marked_unique_answers_duplicates_correctly_anyway():
+    a = SparseTable(SparseTableSpec(name="t", dim=3, entry="count_filter", entry_count=1))
+    b = SparseTable(SparseTableSpec(name="t", dim=3, entry="count_filter", entry_count=1))
+    keys = np.array([4, 9, 4, 4, 2], np.uint64)
+    np.testing.assert_array_equal(a.pull(keys, unique=True), b.pull(keys))
+    assert len(a) == len(b) == 3
+    packed = np.ones((5, 5), np.float32)
+    a.push_packed(keys, packed)
+    b.push(keys, packed[:, :3], packed[:, 3].copy(), packed[:, 4].copy())
+    np.testing.assert_array_equal(a.pull(keys, training=False), b.pull(keys, training=False))

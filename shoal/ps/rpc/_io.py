@@ -42,12 +42,15 @@ def normalize_endpoint(endpoint: str, *, bind: bool = False) -> str:
 # Below this size a frame is cheaper to copy into libzmq than to hand over by
 # reference (pyzmq's zero-copy send tracks the buffer until libzmq frees it).
 ZERO_COPY_MIN_BYTES = 64 * 1024
+# Plain ints: combining zmq's enum flags per frame costs more than the send itself here.
+_SNDMORE, _MORE = int(zmq.SNDMORE), int(zmq.MORE)
 
 
 def send_frames(sock: zmq.Socket, frames, flags: int = 0) -> None:
     """Send a multipart message: large frames without a copy, small ones copied."""
     last = len(frames) - 1
-    more = flags | zmq.SNDMORE
+    flags = int(flags)
+    more = flags | _SNDMORE
     for i, frame in enumerate(frames):
         size = frame.nbytes if hasattr(frame, "nbytes") else len(frame)
         sock.send(frame, flags if i == last else more, copy=size < ZERO_COPY_MIN_BYTES)
@@ -60,7 +63,7 @@ def recv_frames(sock: zmq.Socket) -> list[zmq.Frame]:
     """
     frame = sock.recv(_NOBLOCK, copy=False)
     frames = [frame]
-    while frame.more:  # the rest of a multipart message is already there: libzmq delivers it whole
+    while frame.get(_MORE):  # the rest of a multipart message is already there: libzmq delivers it whole
         frame = sock.recv(_NOBLOCK, copy=False)
         frames.append(frame)
     return frames

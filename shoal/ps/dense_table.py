@@ -135,6 +135,8 @@ class DenseTable:
                 raise PSError(f"dense table {self.spec.name!r} is closed (the server is stopping)")
             while len(self._queue) >= self.max_pending:
                 self._cond.wait()
+                if self._closed:  # the applier may already have exited: never ack a lost push
+                    raise PSError(f"dense table {self.spec.name!r} is closed (the server is stopping)")
             self._queue.append(grad)
             self._cond.notify_all()
 

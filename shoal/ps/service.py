@@ -186,8 +186,8 @@ class PSService:
         if not 1 <= count <= self.max_waiters:
             raise PSError(f"{op} {name!r}: count {count} must lie in [1, {self.max_waiters}] "
                           f"(start servers with more threads for larger gatherings)")
-        if not isinstance(timeout, (int, float)) or timeout <= 0:
-            raise PSError(f"{op} {name!r}: timeout must be a positive number, got {timeout!r}")
+        if not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:  # also NaN and inf
+            raise PSError(f"{op} {name!r}: timeout must be a number of seconds in (0, 3600], got {timeout!r}")
         deadline = time.monotonic() + timeout
         with self._gather_cond:
             g = self._gatherings.get(name)
@@ -216,6 +216,8 @@ class PSService:
                     g.arrived -= 1  # leave, so a later full set still completes correctly
                     if array is not None:
                         g.total -= array
+                    if g.arrived == 0 and self._gatherings.get(name) is g:
+                        del self._gatherings[name]  # nobody left: a later count or shape may differ
                     raise PSTimeoutError(message)
                 self._gather_cond.wait(left)
             return g.total

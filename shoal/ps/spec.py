@@ -90,7 +90,8 @@ class SparseTableSpec:
 
     def __post_init__(self):
         n = self.name
-        _check(isinstance(n, str) and n != "", n, "name", n, "give a non-empty string")
+        _check(isinstance(n, str) and n != "" and "/" not in n, n, "name", n,
+               "give a non-empty string without '/' (checkpoints use it as a separator)")
         _check(isinstance(self.dim, int) and not isinstance(self.dim, bool) and self.dim >= 1,
                n, "dim", self.dim, "use a positive int")
         _check(self.rule in SPARSE_RULES, n, "rule", self.rule, f"choose one of {list(SPARSE_RULES)}")
@@ -154,7 +155,8 @@ class DenseTableSpec:
 
     def __post_init__(self):
         n = self.name
-        _check(isinstance(n, str) and n != "", n, "name", n, "give a non-empty string")
+        _check(isinstance(n, str) and n != "" and "/" not in n, n, "name", n,
+               "give a non-empty string without '/' (checkpoints use it as a separator)")
         _check(isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1,
                n, "size", self.size, "use a positive int")
         _check(self.rule in DENSE_RULES, n, "rule", self.rule, f"choose one of {list(DENSE_RULES)}")

@@ -42,6 +42,11 @@ def _check(cond: bool, table: str, field: str, value, want: str) -> None:
         raise TableError(f"table {table!r}: {field}={value!r} is invalid; {want}")
 
 
+def _check_name(name) -> None:
+    _check(isinstance(name, str) and name != "" and "/" not in name, name, "name", name,
+           "give a non-empty string without '/' (checkpoints use it as a separator)")
+
+
 def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
@@ -90,8 +95,7 @@ class SparseTableSpec:
 
     def __post_init__(self):
         n = self.name
-        _check(isinstance(n, str) and n != "" and "/" not in n, n, "name", n,
-               "give a non-empty string without '/' (checkpoints use it as a separator)")
+        _check_name(n)
         _check(isinstance(self.dim, int) and not isinstance(self.dim, bool) and self.dim >= 1,
                n, "dim", self.dim, "use a positive int")
         _check(self.rule in SPARSE_RULES, n, "rule", self.rule, f"choose one of {list(SPARSE_RULES)}")
@@ -155,8 +159,7 @@ class DenseTableSpec:
 
     def __post_init__(self):
         n = self.name
-        _check(isinstance(n, str) and n != "" and "/" not in n, n, "name", n,
-               "give a non-empty string without '/' (checkpoints use it as a separator)")
+        _check_name(n)
         _check(isinstance(self.size, int) and not isinstance(self.size, bool) and self.size >= 1,
                n, "size", self.size, "use a positive int")
         _check(self.rule in DENSE_RULES, n, "rule", self.rule, f"choose one of {list(DENSE_RULES)}")

@@ -59,11 +59,20 @@ class PSClient:
         auth: 'plain' or 'curve', as the servers.
         timeout: seconds any one call may take before PSTimeoutError.
         retries: how many times a timed-out push is resent (same sequence number).
+        transport: instead of endpoints and token, an object with RpcClient's
+            call interface (local mode passes a LocalTransport).
     """
 
-    def __init__(self, endpoints, token: str, auth: str = "plain", timeout: float = 30.0,
-                 retries: int = 2, client_id: str | None = None):
-        self.rpc = RpcClient(endpoints, token, auth=auth, timeout=timeout, client_id=client_id)
+    @classmethod
+    def local(cls) -> "PSClient":
+        """A client of one in-process server (local mode: no sockets, same handlers)."""
+        from shoal.ps.local import LocalTransport
+        return cls(None, transport=LocalTransport())
+
+    def __init__(self, endpoints, token: str | None = None, auth: str = "plain", timeout: float = 30.0,
+                 retries: int = 2, client_id: str | None = None, *, transport=None):
+        self.rpc = transport if transport is not None else \
+            RpcClient(endpoints, token, auth=auth, timeout=timeout, client_id=client_id)
         self.n = len(self.rpc.endpoints)
         self.timeout, self.retries = timeout, retries
         self.specs: dict = {}
@@ -151,7 +160,10 @@ class PSClient:
         return self.pull_sparse_async(table, keys, training).wait()
 
     def push_sparse_async(self, table: str, keys: np.ndarray, grads: np.ndarray,
-                          shows: np.ndarray | None = None, clicks: np.ndarray | None = None) -> PSHandle:
+                          shows: np.ndarray | None = None, clicks: np.ndarray | None = None,
+                          sync: tuple[int, int] | None = None) -> PSHandle:
+        """Start a push; `sync=(step, n_workers)` makes each server hold it until all n workers'
+        pushes of that step arrived and apply their sum once (sync mode)."""
         spec = self._spec(table, "sparse")
         keys = self._keys(keys)
         n = len(keys)
@@ -164,8 +176,15 @@ class PSClient:
         uniq, merged = merge_rows(keys, packed)
         owner = partition(uniq, self.n)
         # on the wire a push is (keys, [grads | show | click]): merged rows go as they are
-        handles = [self._push(s, "push_sparse", {"table": table}, [uniq[pos], merged[pos]])
-                   for s, pos in _groups(owner, self.n)]
+        header = {"table": table} if sync is None else {"table": table, "sync": list(sync)}
+        if sync is None:
+            groups = _groups(owner, self.n)
+        else:  # every server must hear from every worker, with no keys if need be
+            groups = list(_groups(owner, self.n))
+            have = {s for s, _ in groups}
+            groups += [(s, np.zeros(0, np.int64)) for s in range(self.n) if s not in have]
+        handles = [self._push(s, "push_sparse", header, [uniq[pos], merged[pos]])
+                   for s, pos in groups]
         return PSHandle(lambda timeout=None: self._wait_all(handles, timeout) and None)
 
     def push_sparse(self, table, keys, grads, shows=None, clicks=None) -> None:
@@ -199,13 +218,22 @@ class PSClient:
                                   for s in range(self.n)])
         return np.concatenate([arrays[0] for _, arrays in replies])
 
-    def push_dense_async(self, table: str, grad: np.ndarray) -> PSHandle:
+    def push_dense_async(self, table: str, grad: np.ndarray, lr: float | None = None,
+                         sync: tuple[int, int] | None = None) -> PSHandle:
+        """Start a push of the whole gradient; `lr` overrides the rule's learning rate for this
+        step; `sync=(step, n_workers)` as for push_sparse_async."""
         parts = self._split(self._spec(table, "dense"), grad, "push_dense")
-        handles = [self._push(s, "push_dense", {"table": table}, [p]) for s, p in enumerate(parts)]
+        header = {"table": table}
+        if lr is not None:
+            header["lr"] = float(lr)
+        if sync is not None:
+            header["sync"] = list(sync)
+        handles = [self._push(s, "push_dense", header, [p]) for s, p in enumerate(parts)]
         return PSHandle(lambda timeout=None: self._wait_all(handles, timeout) and None)
 
-    def push_dense(self, table: str, grad: np.ndarray) -> None:
-        self.push_dense_async(table, grad).wait()
+    def push_dense(self, table: str, grad: np.ndarray, lr: float | None = None,
+                   sync: tuple[int, int] | None = None) -> None:
+        self.push_dense_async(table, grad, lr, sync).wait()
 
     def push_dense_delta(self, table: str, delta: np.ndarray) -> None:
         parts = self._split(self._spec(table, "dense"), delta, "push_delta")

@@ -52,7 +52,8 @@ class DenseTable:
                                          name=f"shoal-dense-{spec.name}")
         self._applier.start()
 
-    def _check(self, arr, op: str) -> np.ndarray:
+    def check(self, arr, op: str) -> np.ndarray:
+        """`arr` if it is a valid push for this slice (float32, the slice's shape, finite), else raise."""
         want = (self.end - self.start,)
         if not isinstance(arr, np.ndarray) or arr.dtype != np.float32 or arr.shape != want:
             raise TableError(f"{op} on dense table {self.spec.name!r}: expected float32 of shape "
@@ -65,15 +66,16 @@ class DenseTable:
         return arr
 
     # -- the applier -----------------------------------------------------------------
-    def _apply(self, grad: np.ndarray) -> None:
+    def _apply(self, grad: np.ndarray, lr: float | None) -> None:
         spec = self.spec
+        lr = spec.learning_rate if lr is None else lr
         if spec.rule == "sum":
             self.values += grad
         elif spec.rule == "sgd":
-            self._be.sgd_(self.values, grad, spec.learning_rate)
+            self._be.sgd_(self.values, grad, lr)
         else:
             self.step += 1
-            self._be.adam_(self.values, grad, self.m, self.v, spec.learning_rate, spec.beta1,
+            self._be.adam_(self.values, grad, self.m, self.v, lr, spec.beta1,
                            spec.beta2, spec.epsilon, self.step)
 
     def _apply_loop(self) -> None:
@@ -83,10 +85,10 @@ class DenseTable:
                     self._cond.wait()
                 if not self._queue:
                     return
-                grad = self._queue[0]
+                grad, lr = self._queue[0]
             try:
                 with self._values_lock:
-                    self._apply(grad)
+                    self._apply(grad, lr)
             except BaseException as e:  # validated input cannot fail; keep the cause for callers
                 _log.exception("dense table %r: a queued push failed", self.spec.name)
                 self._failure = e
@@ -106,7 +108,7 @@ class DenseTable:
     # -- requests --------------------------------------------------------------------
     def init(self, values: np.ndarray) -> None:
         """Set the slice's values (the optimizer state starts over)."""
-        values = self._check(values, "init_dense")
+        values = self.check(values, "init_dense")
         self._settle()
         with self._values_lock:
             self.values[:] = values
@@ -121,13 +123,18 @@ class DenseTable:
         with self._values_lock:
             return self.values.copy()
 
-    def push(self, grad: np.ndarray) -> None:
+    def push(self, grad: np.ndarray, lr: float | None = None) -> None:
         """Queue one step of the table's rule with gradient `grad` ('sum' adds it).
 
-        Returns once `grad` is validated and queued (blocking while
-        `max_pending` pushes wait); the caller must not modify `grad` after.
+        `lr` overrides the spec's learning rate for this step (the worker's
+        LR scheduler drives it). Returns once `grad` is validated and queued
+        (blocking while `max_pending` pushes wait); the caller must not
+        modify `grad` after.
         """
-        grad = self._check(grad, "push_dense")
+        grad = self.check(grad, "push_dense")
+        if lr is not None and not (isinstance(lr, float) and 0.0 <= lr < float("inf")):
+            raise TableError(f"push_dense on dense table {self.spec.name!r}: lr={lr!r} must be a "
+                             f"finite non-negative float")
         if self._failure is not None:
             self._settle()
         with self._cond:
@@ -137,12 +144,12 @@ class DenseTable:
                 self._cond.wait()
                 if self._closed:  # the applier may already have exited: never ack a lost push
                     raise PSError(f"dense table {self.spec.name!r} is closed (the server is stopping)")
-            self._queue.append(grad)
+            self._queue.append((grad, lr))
             self._cond.notify_all()
 
     def push_delta(self, delta: np.ndarray) -> None:
         """Add `delta` to the values whatever the rule (GEO sends trained-minus-pulled)."""
-        delta = self._check(delta, "push_delta")
+        delta = self.check(delta, "push_delta")
         self._settle()
         with self._values_lock:
             self.values += delta

@@ -41,14 +41,18 @@ def report_endpoint(endpoint: str, report_file: str | None = None, report_fd: in
 
 def serve(index: int, n_servers: int, endpoint: str, token: str, *, auth: str = "plain",
           n_threads: int = 64, max_bytes: int | None = None, report=None,
-          stop_event: threading.Event | None = None) -> None:
+          stop_event: threading.Event | None = None, load_dir: str | None = None) -> None:
     """Run server `index` of `n_servers` until stopped. Blocks.
 
-    `report(endpoint)` is called once the socket is bound. `stop_event`, when
+    `load_dir` loads this server's share of a checkpoint before serving
+    (fleet.init_server(dirname)). `report(endpoint)` is called once the
+    socket is bound. `stop_event`, when
     set by another thread (or a `stop` request), drains in-flight requests
     and returns.
     """
     service = PSService(index, n_servers, max_waiters=max(1, n_threads - 4))
+    if load_dir is not None:
+        service.op_load({"dir": os.path.abspath(load_dir)}, [])
     kwargs = {} if max_bytes is None else {"max_bytes": max_bytes}
     rpc = RpcServer(endpoint, token=token, auth=auth, handlers=service.handlers(),
                     n_threads=n_threads, inline_ops=INLINE_OPS, **kwargs)

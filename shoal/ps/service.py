@@ -80,6 +80,47 @@ class _PushLedger:
         return True
 
 
+class _StepSum:
+    """Sync mode: the pushes of one training step from every worker, applied once together.
+
+    A push whose header carries ``"sync": [step, count]`` is validated and
+    held; the one that completes the set of `count` applies the merged sum
+    (sparse: keys concatenated and merged by the table; dense: gradients
+    summed) with the table's rule, before it is answered. So once every
+    worker's pushes of a step are answered, the step is applied everywhere.
+    """
+
+    def __init__(self, max_open: int = 256):
+        self.lock = threading.Lock()
+        self.open: dict[tuple, list] = {}  # (table, step) -> [count, parts]
+        self.max_open = max_open
+
+    def add(self, table: str, sync, part) -> list | None:
+        """Hold `part`; the list of all parts once this completes the step, else None."""
+        if (not isinstance(sync, list) or len(sync) != 2 or not all(isinstance(x, int) and
+                                                                     not isinstance(x, bool) for x in sync)
+                or sync[1] < 1):
+            raise PSError(f"push to {table!r}: header field 'sync' must be [step, count] with "
+                          f"count >= 1, got {sync!r}")
+        step, count = sync
+        key = (table, step)
+        with self.lock:
+            entry = self.open.get(key)
+            if entry is None:
+                if len(self.open) >= self.max_open:
+                    raise PSError(f"push to {table!r}: {len(self.open)} sync steps are waiting for "
+                                  f"workers that never pushed; is a worker missing?")
+                entry = self.open[key] = [count, []]
+            if entry[0] != count:
+                raise PSError(f"push to {table!r} step {step}: this worker says count={count}, "
+                              f"others said {entry[0]}; every worker must use the same count")
+            entry[1].append(part)
+            if len(entry[1]) < count:
+                return None
+            del self.open[key]
+            return entry[1]
+
+
 class _Gathering:
     def __init__(self, count: int):
         self.count, self.arrived, self.total, self.done = count, 0, None, False
@@ -100,6 +141,7 @@ class PSService:
         self.tables: dict[str, SparseTable | DenseTable] = {}
         self._tables_lock = threading.Lock()
         self._ledger = _PushLedger()
+        self._steps = _StepSum()
         self._gather_cond = threading.Condition()
         self._gatherings: dict[str, _Gathering] = {}
         self.stop_requested = threading.Event()
@@ -157,8 +199,16 @@ class PSService:
     def op_push_sparse(self, header, arrays):
         table = self._table(header, "push_sparse", "sparse")
         keys, packed = _arrays(arrays, 2, "push_sparse", "keys, [grads | show | click]")
-        applied = self._ledger.run_once(header, lambda: table.push_packed(keys, packed))
-        return {"applied": applied}, []
+        if "sync" not in header:
+            apply = lambda: table.push_packed(keys, packed)  # noqa: E731
+        else:
+            def apply():
+                table.check_packed(keys, packed)
+                parts = self._steps.add(table.spec.name, header["sync"], (keys, packed))
+                if parts is not None:
+                    table.push_packed(np.concatenate([k for k, _ in parts]),
+                                      np.concatenate([p for _, p in parts]))
+        return {"applied": self._ledger.run_once(header, apply)}, []
 
     def op_pull_dense(self, header, arrays):
         return {}, [self._table(header, "pull_dense", "dense").pull()]
@@ -166,7 +216,18 @@ class PSService:
     def op_push_dense(self, header, arrays):
         table = self._table(header, "push_dense", "dense")
         (grad,) = _arrays(arrays, 1, "push_dense", "grad")
-        return {"applied": self._ledger.run_once(header, lambda: table.push(grad))}, []
+        lr = header.get("lr")
+        if lr is not None and not isinstance(lr, float):
+            raise PSError(f"push_dense {table.spec.name!r}: header field 'lr' must be a float, got {lr!r}")
+        if "sync" not in header:
+            apply = lambda: table.push(grad, lr)  # noqa: E731
+        else:
+            def apply():
+                table.check(grad, "push_dense")
+                parts = self._steps.add(table.spec.name, header["sync"], grad)
+                if parts is not None:
+                    table.push(np.sum(parts, axis=0, dtype=np.float32), lr)
+        return {"applied": self._ledger.run_once(header, apply)}, []
 
     def op_push_delta(self, header, arrays):
         table = self._table(header, "push_delta")

@@ -336,12 +336,16 @@ class SparseTable:
         self._check_rows(clicks, n, "push_sparse", "clicks", (n,), finite=False)
         self.push_packed(keys, np.concatenate([grads, shows[:, None], clicks[:, None]], axis=1))
 
+    def check_packed(self, keys: np.ndarray, packed: np.ndarray, finite: bool = True) -> None:
+        """Raise unless (keys, packed [n, dim + 2]) is a valid push for this table."""
+        self._check_keys(keys, "push_sparse")
+        self._check_rows(packed, len(keys), "push_sparse", "packed [grads | show | click]",
+                         (len(keys), self.spec.dim + 2), finite=finite)
+
     def push_packed(self, keys: np.ndarray, packed: np.ndarray) -> None:
         """`push` with gradients, shows and clicks as one float32 [n, dim + 2] array (the wire form)."""
-        keys = self._check_keys(keys, "push_sparse")
+        self.check_packed(keys, packed, finite=False)
         dim = self.spec.dim
-        self._check_rows(packed, len(keys), "push_sparse", "packed [grads | show | click]",
-                         (len(keys), dim + 2), finite=False)
         uniq, merged = merge_rows(keys, packed)
         # a NaN or inf anywhere in the input survives the sums: checking the merged rows suffices
         if not np.isfinite(merged).all():

@@ -1,0 +1,184 @@
+"""The fleet facade: Paddle's `paddle.distributed.fleet` names over Shoal's parameter servers.
+
+    import shoal.fleet as fleet
+    fleet.init()                                   # role from the environment, or local mode
+    opt = fleet.distributed_optimizer(shoal.optimizer.Adam(1e-3, parameters=model.parameters()))
+    if fleet.is_server():
+        fleet.init_server(); fleet.run_server()    # blocks until the workers are done
+    else:
+        fleet.init_worker(model)                   # tables created, dense values pulled
+        for batch in fleet.prefetched(loader, model):
+            loss = ...; loss.backward(); opt.step(); opt.clear_grad()
+        fleet.stop_worker()                        # flushes, then stops the servers
+
+Roles come from the environment contract (shoal.configs.cluster): TRAINING_ROLE,
+PADDLE_TRAINER_ID, ... as fleetrun (or Paddle's launcher) sets them. With none
+of them set the job runs in one process with in-process tables and says so
+in one line; with some set and others missing, `init` raises naming them.
+
+Blocking: init_worker, stop_worker, barrier_worker, save_persistables,
+load_model, shrink and reduce wait for every worker (timeouts bounded by
+the RPC timeout). One training thread per process drives fleet.
+"""
+from __future__ import annotations
+
+import os
+
+from shoal.configs import DistributedStrategy
+from shoal.configs.cluster import ClusterEnv
+from shoal.fleet._data import prefetched
+from shoal.fleet._optimizer import DistributedOptimizer
+from shoal.fleet._runtime import PSRuntime
+from shoal.fleet.errors import FleetError
+
+_runtime: PSRuntime | None = None
+_model = None
+
+
+def _rt(what: str) -> PSRuntime:
+    if _runtime is None:
+        raise FleetError(f"fleet.{what}(): call fleet.init() first")
+    return _runtime
+
+
+def init(role_maker=None, is_collective: bool = False, strategy: DistributedStrategy | None = None,
+         *, rpc_timeout: float = 60.0) -> None:
+    """Read this process's role from the environment (or enter local mode).
+
+    Args:
+        role_maker: accepted for Paddle compatibility; must be None (the role
+            always comes from the environment contract).
+        is_collective: collective (data-parallel) training; not available in
+            this build of fleet yet.
+        strategy: a DistributedStrategy; wins over SHOAL_STRATEGY's file.
+        rpc_timeout: seconds any wait on the servers may take.
+
+    Raises:
+        ContractError: some contract variables are set and others missing or bad.
+        FleetError: a role_maker, or is_collective=True.
+    """
+    global _runtime, _model
+    if role_maker is not None:
+        raise FleetError("fleet.init(role_maker=...): Shoal reads roles from the environment "
+                         "contract (TRAINING_ROLE, PADDLE_*); pass role_maker=None")
+    if is_collective:
+        raise FleetError("fleet.init(is_collective=True): collective training is not part of this "
+                         "build yet; use the parameter-server mode (is_collective=False)")
+    if strategy is not None and not isinstance(strategy, DistributedStrategy):
+        raise FleetError(f"fleet.init: strategy must be a DistributedStrategy, got "
+                         f"{type(strategy).__name__}")
+    if _runtime is not None and _runtime.communicator is not None:
+        raise FleetError("fleet.init() while a worker is running: call fleet.stop_worker() first")
+    _runtime = PSRuntime(strategy, ClusterEnv.detect(os.environ), rpc_timeout=rpc_timeout)
+    _model = None
+
+
+def is_server() -> bool:
+    return _rt("is_server").is_server()
+
+
+def is_worker() -> bool:
+    return _rt("is_worker").is_worker()
+
+
+def is_first_worker() -> bool:
+    return _rt("is_first_worker").is_worker() and _runtime.worker_index() == 0
+
+
+def worker_index() -> int:
+    return _rt("worker_index").worker_index()
+
+
+def worker_num() -> int:
+    return _rt("worker_num").worker_num()
+
+
+def server_num() -> int:
+    return _rt("server_num").server_num()
+
+
+def is_local() -> bool:
+    """True in local mode (no contract variable set: one process, in-process tables)."""
+    return _rt("is_local").local
+
+
+def strategy() -> DistributedStrategy:
+    """The strategy in force (explicit > SHOAL_STRATEGY file > defaults)."""
+    return _rt("strategy").strategy
+
+
+def distributed_model(model):
+    """Remember `model` for init_worker() (whose tables it creates); returns it unchanged."""
+    global _model
+    _rt("distributed_model")
+    _model = model
+    return model
+
+
+def distributed_optimizer(optimizer, strategy: DistributedStrategy | None = None) -> DistributedOptimizer:
+    """Wrap the user's optimizer: its dense step runs on the servers (or locally in GEO)."""
+    rt = _rt("distributed_optimizer")
+    rt.set_strategy(strategy, "fleet.distributed_optimizer")
+    rt.optimizer = DistributedOptimizer(optimizer, rt)
+    return rt.optimizer
+
+
+def init_server(dirname: str | None = None) -> None:
+    """Prepare this server; with `dirname`, run_server loads that checkpoint before serving."""
+    rt = _rt("init_server")
+    rt._need(False, "init_server")
+    rt.server_load_dir = dirname
+
+
+def run_server() -> None:
+    """Serve until a worker's stop_worker (or SIGTERM). Blocks."""
+    rt = _rt("run_server")
+    rt.run_server(getattr(rt, "server_load_dir", None))
+
+
+def init_worker(model=None) -> None:
+    """Connect to the servers; worker 0 creates the tables and pushes its dense values, the
+    others wait for it, then every worker pulls the dense values. Binds the model's sparse
+    layers to this worker's communicator."""
+    _rt("init_worker").init_worker(model if model is not None else _model)
+
+
+def stop_worker() -> None:
+    """Flush every queued gradient, wait for all workers, stop the servers (worker 0)."""
+    _rt("stop_worker").stop_worker()
+
+
+def barrier_worker() -> None:
+    _rt("barrier_worker").barrier_worker()
+
+
+def save_persistables(dirname: str, mode: int = 0, extra: dict | None = None) -> None:
+    """Checkpoint every table and worker 0's optimizer/LR state plus `extra` (all workers call)."""
+    _rt("save_persistables").save_persistables(dirname, mode, extra)
+
+
+def load_model(dirname: str) -> dict:
+    """Load a checkpoint written by save_persistables; returns its `extra` (all workers call)."""
+    return _rt("load_model").load_model(dirname)
+
+
+def shrink() -> int:
+    """Decay show/click, delete cold rows and age unseen days by one; returns rows deleted."""
+    return _rt("shrink").shrink()
+
+
+def reduce_sum(name: str, array):
+    """The elementwise sum of `array` over all workers (each worker calls with the same name)."""
+    return _rt("reduce_sum").reduce(name, array)
+
+
+def communicator():
+    """This worker's communicator (for its wait times), or None before init_worker."""
+    return _rt("communicator").communicator
+
+
+__all__ = ["init", "is_server", "is_worker", "is_first_worker", "worker_index", "worker_num",
+           "server_num", "is_local", "strategy", "distributed_model", "distributed_optimizer",
+           "init_server", "run_server", "init_worker", "stop_worker", "barrier_worker",
+           "save_persistables", "load_model", "shrink", "reduce_sum", "communicator", "prefetched",
+           "DistributedOptimizer", "DistributedStrategy", "FleetError"]

@@ -1,0 +1,291 @@
+"""The parameter-server runtime behind the fleet facade: roles, tables, communicator, checkpoints.
+
+One `PSRuntime` per process (`shoal.fleet` holds it). It reads the role from
+the environment contract (configs/cluster.py), or runs local mode when no
+contract variable is set; builds the table specs from the model's sparse
+layers and the strategy (DESIGN.md "Tables come from the model and the
+strategy"); and wires the communicator of the strategy's mode into the
+model's sparse layers and the distributed optimizer.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+
+from shoal.configs import CommMode, DistributedStrategy
+from shoal.configs import cluster
+from shoal.fleet._optimizer import DistributedOptimizer, FlatParams, dense_spec
+from shoal.fleet.errors import FleetError
+from shoal.ps.client import PSClient
+from shoal.ps.communicator import DENSE_TABLE, Communicator, make_communicator
+from shoal.ps.spec import SparseTableSpec
+from shoal.worker.nn.sparse import bind_sparse_backend, sparse_layers
+from shoal.worker.serialization import load as load_tree
+from shoal.worker.serialization import save as save_tree
+
+_WORKER_STATE = "worker-state.npz"
+_MODE_NAMES = {CommMode.SYNC: "sync", CommMode.ASYNC: "async", CommMode.HALF_ASYNC: "half_async",
+               CommMode.GEO: "geo"}
+
+
+def _local_line(strategy: DistributedStrategy) -> str:
+    return (f"shoal.fleet: no TRAINING_ROLE / PADDLE_* variable is set: local mode, one process "
+            f"with in-process tables (the strategy's {_MODE_NAMES[strategy.communicator_mode]} "
+            f"mode runs as sync with one worker)")
+
+
+class PSRuntime:
+    """The state of `fleet` in one process. Not thread-safe: the training thread drives it."""
+
+    def __init__(self, strategy: DistributedStrategy | None = None, env=None, *, rpc_timeout: float = 60.0,
+                 quiet: bool = False):
+        self.env = env
+        self.local = env is None
+        self.explicit_strategy = strategy
+        self.strategy = strategy or self._strategy_from_env() or DistributedStrategy()
+        self.rpc_timeout = rpc_timeout
+        self.client: PSClient | None = None
+        self.communicator: Communicator | None = None
+        self.optimizer: DistributedOptimizer | None = None
+        self.model = None
+        self.flat: FlatParams | None = None
+        self._barriers = 0
+        if self.local and not quiet:
+            print(_local_line(self.strategy), file=sys.stderr, flush=True)
+
+    def _strategy_from_env(self) -> DistributedStrategy | None:
+        path = getattr(self.env, "strategy_path", None) if self.env is not None else \
+            os.environ.get("SHOAL_STRATEGY")
+        return DistributedStrategy.load(path) if path else None
+
+    # -- roles -------------------------------------------------------------------------
+    def is_server(self) -> bool:
+        return isinstance(self.env, cluster.ServerEnv)
+
+    def is_worker(self) -> bool:
+        return not self.is_server()
+
+    def worker_index(self) -> int:
+        return 0 if self.local else self.env.trainer_id if self.is_worker() else -1
+
+    def worker_num(self) -> int:
+        return 1 if self.local else self.env.trainers_num
+
+    def server_num(self) -> int:
+        if self.local:
+            return 1
+        return len(self.env.servers if self.is_server() else self.env.pservers)
+
+    def _need(self, worker: bool, what: str) -> None:
+        if worker and not self.is_worker():
+            raise FleetError(f"fleet.{what}() is for workers; this process is server "
+                             f"{self.env.server_index} (TRAINING_ROLE=PSERVER)")
+        if not worker and not self.is_server():
+            raise FleetError(f"fleet.{what}() is for servers; this process is "
+                             f"{'the local-mode worker' if self.local else 'a worker'} "
+                             f"(TRAINING_ROLE=TRAINER)")
+
+    def set_strategy(self, strategy: DistributedStrategy | None, where: str) -> None:
+        """An explicit strategy wins over the file; two explicit ones that differ raise."""
+        if strategy is None:
+            return
+        if not isinstance(strategy, DistributedStrategy):
+            raise FleetError(f"{where}: strategy must be a DistributedStrategy, got "
+                             f"{type(strategy).__name__}")
+        if self.explicit_strategy is not None and strategy != self.explicit_strategy:
+            raise FleetError(f"{where}: this strategy differs from the one given to fleet.init in "
+                             f"{self.explicit_strategy.diff(strategy)}; pass one strategy (or the "
+                             f"same one) to both")
+        self.explicit_strategy = self.strategy = strategy
+
+    # -- servers -----------------------------------------------------------------------
+    def run_server(self, load_dir: str | None = None) -> None:
+        """Serve this server's shard until stopped (blocks). `load_dir` loads a checkpoint first."""
+        self._need(False, "run_server")
+        from shoal.ps.server import report_endpoint, serve
+        env = self.env
+        serve(env.server_index, len(env.servers), env.current_endpoint, env.job_token,
+              auth=env.auth.value, load_dir=load_dir,
+              report=lambda ep: report_endpoint(ep, env.report_path) if env.report_path else None)
+
+    # -- workers -----------------------------------------------------------------------
+    def _client(self) -> PSClient:
+        if self.local:
+            return PSClient.local()
+        env = self.env
+        if not env.pservers:
+            raise FleetError("this worker has no parameter servers: PADDLE_PSERVERS_IP_PORT_LIST is "
+                             "empty (start servers, e.g. fleetrun --server_num 2 --worker_num 2)")
+        return PSClient(list(env.pservers), env.job_token, auth=env.auth.value, timeout=self.rpc_timeout,
+                        client_id=f"worker-{env.trainer_id}-{os.getpid()}")
+
+    def table_specs(self, model) -> list[SparseTableSpec]:
+        """A spec per sparse table of `model`: the layer gives name and dim, the strategy the rest."""
+        dims: dict[str, int] = {}
+        for layer in sparse_layers(model):
+            have = dims.setdefault(layer.table, layer.dim)
+            if have != layer.dim:
+                raise FleetError(f"sparse table {layer.table!r} is used with dim {have} and dim "
+                                 f"{layer.dim} by two layers; layers sharing a table need one dim")
+        specs = []
+        for name, dim in dims.items():
+            if name == DENSE_TABLE:
+                raise FleetError(f"sparse table name {name!r} is reserved for the dense parameters; "
+                                 f"rename the layer's table")
+            cfg = self.strategy.table_config(name)
+            if cfg.dim is not None and cfg.dim != dim:
+                raise FleetError(f"strategy sparse_table for {name!r} says dim={cfg.dim} but the "
+                                 f"model's layer has dim={dim}")
+            specs.append(SparseTableSpec(name=name, dim=dim, **cfg.spec_fields()))
+        return specs
+
+    def barrier(self, name: str) -> None:
+        if self.worker_num() > 1:
+            self._barriers += 1
+            self.client.barrier(f"{name}-{self._barriers}", self.worker_num(), self.rpc_timeout)
+
+    def init_worker(self, model) -> None:
+        self._need(True, "init_worker")
+        if self.communicator is not None:
+            raise FleetError("fleet.init_worker() was already called in this process")
+        if model is None:
+            raise FleetError("fleet.init_worker(model): pass the model (or call "
+                             "fleet.distributed_model(model) first) so its tables can be created")
+        specs = self.table_specs(model)
+        params = self.optimizer.inner._params if self.optimizer is not None else []
+        if self.optimizer is None and model.parameters():
+            raise FleetError("fleet.init_worker(): the model has dense parameters but no optimizer "
+                             "was wrapped; call fleet.distributed_optimizer(opt) first")
+        flat = FlatParams(params)
+        if flat.size:
+            specs.append(dense_spec(self.optimizer.inner, flat.size, DENSE_TABLE))
+        self.client = client = self._client()
+        try:
+            if self.worker_index() == 0:
+                for spec in specs:
+                    client.create_table(spec)
+                if flat.size:
+                    client.init_dense(DENSE_TABLE, flat.buffer)
+            else:
+                for spec in specs:
+                    client.register_table(spec)
+            self.barrier("init-worker")  # the tables exist and hold worker 0's dense values
+            if flat.size:
+                flat.load(client.pull_dense(DENSE_TABLE))
+            self.communicator = self._communicator(client, specs)
+        except BaseException:
+            client.close()
+            self.client = None
+            raise
+        if flat.size and self.communicator.trains_dense_locally:
+            self.communicator.set_dense_base(flat.buffer)
+        self.flat, self.model = flat, model
+        if self.optimizer is not None:
+            self.optimizer._attach(flat)
+        bind_sparse_backend(model, self.communicator)
+
+    def _communicator(self, client: PSClient, specs) -> Communicator:
+        mode = CommMode.SYNC if self.local else self.strategy.communicator_mode
+        cfg = self.strategy.a_sync_configs
+        return make_communicator(
+            _MODE_NAMES[mode], client, worker_index=self.worker_index(),
+            worker_num=self.worker_num(), timeout=self.rpc_timeout,
+            send_queue_size=cfg.send_queue_size, max_merge_var_num=cfg.max_merge_var_num,
+            k_steps=cfg.k_steps, sparse_lr={s.name: s.learning_rate for s in specs
+                                            if s.kind == "sparse"})
+
+    def _flush(self) -> None:
+        comm = self.communicator
+        if comm.trains_dense_locally and self.flat.size:
+            fresh = comm.flush(self.flat.buffer)
+            if fresh is not None:
+                self.flat.load(fresh)
+        else:
+            comm.flush()
+
+    def stop_worker(self) -> None:
+        """Send everything queued (no gradient is lost), wait for every worker, then worker 0
+        stops the servers."""
+        self._need(True, "stop_worker")
+        if self.communicator is None:
+            raise FleetError("fleet.stop_worker(): init_worker() was not called")
+        try:
+            self._flush()
+            self.communicator.stop()
+            self.barrier("stop-worker")
+            if self.worker_index() == 0 and not self.local:
+                self.client.stop_servers()
+        finally:
+            bind_sparse_backend(self.model, None)
+            self.client.close()
+            self.communicator = None
+
+    def barrier_worker(self) -> None:
+        self._need(True, "barrier_worker")
+        self._connected("barrier_worker")
+        self.barrier("barrier-worker")
+
+    def _connected(self, what: str) -> None:
+        if self.communicator is None:
+            raise FleetError(f"fleet.{what}(): call fleet.init_worker() first")
+
+    def reduce(self, name: str, array: np.ndarray) -> np.ndarray:
+        """The elementwise sum of `array` over all workers (through server 0); every worker calls."""
+        self._connected("reduce")
+        if self.worker_num() == 1:
+            return np.array(array)
+        self._barriers += 1
+        return self.client.reduce(f"{name}-{self._barriers}", array, self.worker_num(), self.rpc_timeout)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def save_persistables(self, dirname: str, mode: int = 0, extra: dict | None = None) -> None:
+        """Every table (modes 0 all, 1 delta, 2 base, 3 day tick) plus worker 0's state
+        (optimizer/LR state and `extra`, e.g. the data offset). Every worker calls it."""
+        self._need(True, "save_persistables")
+        self._connected("save_persistables")
+        if mode not in (0, 1, 2, 3):
+            raise FleetError(f"save_persistables: mode={mode!r}; choose 0 (all), 1 (delta), 2 (base) "
+                             f"or 3 (day tick)")
+        self._flush()
+        self.barrier("save-begin")
+        if self.worker_index() == 0:
+            if mode != 3:
+                os.makedirs(dirname, exist_ok=True)
+                state = {"optimizer": self.optimizer.state_dict() if self.optimizer else {},
+                         "extra": dict(extra or {}), "saved_at": time.time()}
+                save_tree(state, os.path.join(dirname, _WORKER_STATE))
+            self.client.save(dirname, mode)
+        self.barrier("save-end")
+
+    def load_model(self, dirname: str) -> dict:
+        """Load a checkpoint (onto any number of servers); returns the `extra` saved with it."""
+        self._need(True, "load_model")
+        self._connected("load_model")
+        self._flush()
+        self.barrier("load-begin")
+        if self.worker_index() == 0:
+            self.client.load(dirname)
+        self.barrier("load-end")
+        if self.flat.size:
+            self.flat.load(self.client.pull_dense(DENSE_TABLE))
+            if self.communicator.trains_dense_locally:
+                self.communicator.set_dense_base(self.flat.buffer)
+        path = os.path.join(dirname, _WORKER_STATE)
+        if not os.path.exists(path):
+            return {}
+        state = load_tree(path)
+        if self.optimizer is not None and state.get("optimizer"):
+            self.optimizer.set_state_dict(state["optimizer"])
+        return dict(state.get("extra", {}))
+
+    def shrink(self) -> int:
+        """Shrink every sparse table (decay, delete cold rows) and age unseen days by one."""
+        self._connected("shrink")
+        self._flush()
+        self.barrier("shrink-begin")
+        deleted = self.client.shrink(day_tick=True) if self.worker_index() == 0 else 0
+        self.barrier("shrink-end")
+        return deleted

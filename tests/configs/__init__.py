@@ -1,0 +1,1 @@
+"""Tests of shoal.configs: the DistributedStrategy schema and the environment contract."""

@@ -148,6 +148,13 @@ def stop_worker() -> None:
     _rt("stop_worker").stop_worker()
 
 
+def flush() -> None:
+    """Send and apply everything this worker has queued or trained locally (GEO); blocks."""
+    rt = _rt("flush")
+    rt._connected("flush")
+    rt._flush()
+
+
 def barrier_worker() -> None:
     _rt("barrier_worker").barrier_worker()
 
@@ -179,6 +186,6 @@ def communicator():
 
 __all__ = ["init", "is_server", "is_worker", "is_first_worker", "worker_index", "worker_num",
            "server_num", "is_local", "strategy", "distributed_model", "distributed_optimizer",
-           "init_server", "run_server", "init_worker", "stop_worker", "barrier_worker",
+           "init_server", "run_server", "init_worker", "stop_worker", "flush", "barrier_worker",
            "save_persistables", "load_model", "shrink", "reduce_sum", "communicator", "prefetched",
            "DistributedOptimizer", "DistributedStrategy", "FleetError"]

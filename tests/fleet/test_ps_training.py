@@ -1,0 +1,118 @@
+"""PS training end to end: real server processes and workers on 127.0.0.1, against local mode."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.fleet import procs
+
+JOB = Path(__file__).with_name("job.py")
+
+
+def local_run(tmp_path, *args) -> dict:
+    """The job in local mode (no contract variable: one process, in-process tables)."""
+    out = tmp_path / "local.npz"
+    res = subprocess.run([sys.executable, str(JOB), "--out", str(out), *args], env=procs._env({}),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "local mode" in res.stderr
+    return dict(np.load(out))
+
+
+def ps_run(tmp_path, n_servers, n_workers, *args) -> list[dict]:
+    work = tmp_path / f"job{n_servers}x{n_workers}"
+    work.mkdir()
+    codes = procs.run_job(JOB, n_servers, n_workers, work,
+                          lambda w: ["--out", str(work / f"w{w}.npz"), *args],
+                          server_args=["--out", "-", *args])
+    assert codes == [0] * n_workers, procs.log_of(work, "worker", codes.index(next(c for c in codes if c)))
+    return [dict(np.load(work / f"w{w}.npz")) for w in range(n_workers)]
+
+
+def test_sync_with_one_worker_reproduces_local_training(tmp_path):
+    args = ["--mode", "sync", "--steps", "8", "--batch", "16"]
+    local = local_run(tmp_path, *args)
+    (ps,) = ps_run(tmp_path, 2, 1, *args)
+    assert np.abs(local["rows"] - local["rows0"]).max() > 1e-4  # training moved the rows
+    np.testing.assert_allclose(ps["rows"], local["rows"], atol=1e-6)
+    np.testing.assert_allclose(ps["dense"], local["dense"], atol=1e-6)
+    np.testing.assert_allclose(ps["losses"], local["losses"], rtol=1e-6)
+
+
+def test_sync_with_two_workers_reproduces_local_training_on_the_double_batch(tmp_path):
+    local = local_run(tmp_path, "--mode", "sync", "--steps", "8", "--batch", "16")
+    w0, w1 = ps_run(tmp_path, 2, 2, "--mode", "sync", "--steps", "8", "--batch", "8")
+    for w in (w0, w1):
+        np.testing.assert_allclose(w["rows"], local["rows"], atol=1e-6)
+        np.testing.assert_allclose(w["dense"], local["dense"], atol=1e-6)
+    # the mean of the two workers' losses is the loss of the double batch
+    np.testing.assert_allclose((w0["losses"] + w1["losses"]) / 2, local["losses"], rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["async", "half_async", "geo"])
+def test_no_gradient_is_lost(tmp_path, mode):
+    """SGD at lr 1 on the servers: the tables change by exactly minus every gradient computed
+    (GEO: the deltas are averaged over the workers, as Paddle's GEO-SGD)."""
+    workers = ps_run(tmp_path, 2, 2, "--mode", mode, "--steps", "12", "--batch", "8", "--sgd1",
+                     "--k-steps", "5")
+    keys = workers[0]["keys"]
+    pushed = np.zeros(workers[0]["rows"].shape)
+    for w in workers:
+        pushed[np.searchsorted(keys, w["pushed_keys"])] += w["pushed"]
+    dense_pushed = sum(w["dense_pushed"] for w in workers)
+    scale = 0.5 if mode == "geo" else 1.0
+    assert np.abs(pushed).max() > 0.05
+    np.testing.assert_allclose(workers[0]["rows"] - workers[0]["rows0"], -scale * pushed, atol=1e-6)
+    np.testing.assert_allclose(workers[0]["dense"] - workers[0]["dense0"], -scale * dense_pushed,
+                               atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", ["async", "geo"])
+def test_two_by_two_reaches_the_auc_of_one_process(tmp_path, mode):
+    args = ["--steps", "300", "--eval", "1000", "--k-steps", "10"]
+    local = local_run(tmp_path, "--mode", "sync", "--batch", "32", *args)
+    workers = ps_run(tmp_path, 2, 2, "--mode", mode, "--batch", "16", *args)
+    assert local["auc"] > 0.75
+    assert workers[0]["auc"] == workers[1]["auc"]  # every worker reports the global figure
+    assert abs(float(workers[0]["auc"]) - float(local["auc"])) < 0.03
+
+
+def test_a_server_killed_mid_run_fails_every_worker_with_its_name(tmp_path):
+    args = ["--mode", "async", "--steps", "1000000", "--batch", "8", "--rpc-timeout", "5",
+            "--sleep", "0.002"]
+    with procs.servers(JOB, 2, 2, tmp_path, ["--out", "-", *args]) as (endpoints, sprocs):
+        workers = procs.start_workers(JOB, endpoints, 2, tmp_path,
+                                      lambda w: ["--out", str(tmp_path / f"w{w}.npz"), *args])
+        try:
+            deadline = time.monotonic() + 60
+            while not all("training" in procs.log_of(tmp_path, "worker", w) for w in range(2)):
+                assert time.monotonic() < deadline, procs.log_of(tmp_path, "worker", 0)
+                assert all(p.poll() is None for p in workers), procs.log_of(tmp_path, "worker", 0)
+                time.sleep(0.05)
+            time.sleep(0.5)
+            sprocs[1].send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            for p in workers:
+                p.wait(timeout=30)
+            assert time.monotonic() - killed < 5 + 10  # the RPC timeout, with a wide margin
+        finally:
+            procs._stop(workers)
+    for w, p in enumerate(workers):
+        assert p.returncode != 0
+        log = procs.log_of(tmp_path, "worker", w)
+        assert endpoints[1] in log, log[-3000:]
+
+
+def test_a_partial_contract_raises_naming_the_missing_variables(tmp_path):
+    env = procs._env({"TRAINING_ROLE": "TRAINER", "PADDLE_TRAINERS_NUM": "2"})
+    res = subprocess.run([sys.executable, str(JOB), "--out", str(tmp_path / "x.npz")], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "PADDLE_TRAINER_ID" in res.stderr and "PADDLE_PSERVERS_IP_PORT_LIST" in res.stderr

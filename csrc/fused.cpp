@@ -5,12 +5,16 @@
 // what the numpy backend uses for float32 C-contiguous arrays (the engine's
 // parameters, the parameter server's dense tables); anything else takes the
 // generic numpy path. Every function releases the GIL.
+#include "dedup.h"
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 namespace py = pybind11;
 
@@ -118,6 +122,82 @@ PYBIND11_MODULE(_fused, m) {
         },
         py::arg("param"), py::arg("grad"), py::arg("moment"), py::arg("lr"), py::arg("eps"),
         "acc += g * g; param -= lr * g / (sqrt(acc) + eps).");
+
+    m.def(
+        "unique_inverse",
+        [](const py::array& keys_any) {
+            if (!keys_any.dtype().equal(py::dtype::of<uint64_t>()) || keys_any.ndim() != 1)
+                throw py::type_error("unique_inverse needs a 1-D uint64 array of keys");
+            auto keys = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(keys_any);
+            const size_t n = static_cast<size_t>(keys.shape(0));
+            py::array_t<int64_t> inv(static_cast<py::ssize_t>(n));
+            std::vector<uint64_t> uniq;
+            const uint64_t* k = keys.data();
+            int64_t* iv = inv.mutable_data();
+            {
+                py::gil_scoped_release nogil;
+                shoal::dedup(k, n, iv, uniq);
+            }
+            py::array_t<uint64_t> out(static_cast<py::ssize_t>(uniq.size()));
+            if (!uniq.empty()) std::copy(uniq.begin(), uniq.end(), out.mutable_data());
+            return py::make_tuple(out, inv);
+        },
+        py::arg("keys"),
+        "(uniq, inverse) with uniq[inverse] == keys, uniq in first-occurrence order; one hashing pass.");
+
+    m.def(
+        "gather_add_rows",
+        [](py::array out, const py::array& out_idx, const py::array& src, const py::object& src_idx_obj,
+           const py::object& scale_obj) {
+            // out[out_idx[j]] += scale[j] * src[src_idx[j]] for every j (src_idx None: j itself)
+            if (out.ndim() != 2 || src.ndim() != 2 || out.shape(1) != src.shape(1))
+                throw py::value_error("gather_add_rows: out and src must be 2-D with the same row width");
+            const py::ssize_t d = out.shape(1), n_out = out.shape(0), n_src = src.shape(0);
+            float* o = data_of(out, "out", n_out * d);
+            const float* sv = cdata_of(src, "src", n_src * d);
+            auto idx_of = [](const py::handle& h, const char* what) {
+                py::array a = py::reinterpret_borrow<py::array>(h);
+                if (!a.dtype().equal(py::dtype::of<int64_t>()) || a.ndim() != 1 || !(a.flags() & py::array::c_style))
+                    throw py::type_error(std::string("gather_add_rows: ") + what + " must be a 1-D C-contiguous int64 array");
+                return a;
+            };
+            py::array oi = idx_of(out_idx, "out_idx");
+            const py::ssize_t n = oi.shape(0);
+            const int64_t* oidx = static_cast<const int64_t*>(oi.data());
+            const int64_t* sidx = nullptr;
+            py::array si;
+            if (!src_idx_obj.is_none()) {
+                si = idx_of(src_idx_obj, "src_idx");
+                if (si.shape(0) != n) throw py::value_error("gather_add_rows: out_idx and src_idx differ in length");
+                sidx = static_cast<const int64_t*>(si.data());
+            } else if (n_src != n) {
+                throw py::value_error("gather_add_rows: without src_idx, src needs one row per out_idx entry");
+            }
+            const float* sc = nullptr;
+            py::array sca;
+            if (!scale_obj.is_none()) {
+                sca = py::reinterpret_borrow<py::array>(scale_obj);
+                sc = cdata_of(sca, "scale", n);
+            }
+            for (py::ssize_t j = 0; j < n; ++j) {  // check every index before any write
+                if (oidx[j] < 0 || oidx[j] >= n_out || (sidx && (sidx[j] < 0 || sidx[j] >= n_src)))
+                    throw py::index_error("gather_add_rows: index " + std::to_string(j) + " out of range");
+            }
+            py::gil_scoped_release nogil;
+            for (py::ssize_t j = 0; j < n; ++j) {
+                float* dst = o + oidx[j] * d;
+                const float* from = sv + (sidx ? sidx[j] : j) * d;
+                if (sc) {
+                    const float w = sc[j];
+                    for (py::ssize_t c = 0; c < d; ++c) dst[c] += w * from[c];
+                } else {
+                    for (py::ssize_t c = 0; c < d; ++c) dst[c] += from[c];
+                }
+            }
+        },
+        py::arg("out"), py::arg("out_idx"), py::arg("src"), py::arg("src_idx") = py::none(),
+        py::arg("scale") = py::none(),
+        "out[out_idx[j]] += scale[j] * src[src_idx[j]] in place (float32 rows, int64 indices).");
 
     m.def(
         "all_finite",

@@ -15,6 +15,8 @@
 // Not thread-safe: the caller serialises all calls (the sparse table holds a
 // lock). The vectorised loops run with the GIL released.
 
+#include "dedup.h"
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
@@ -35,6 +37,8 @@
 #include <vector>
 
 namespace py = pybind11;
+using shoal::dedup;
+using shoal::mix;
 
 namespace {
 
@@ -51,15 +55,6 @@ constexpr size_t kPrefetch = 16;
 // list, so a row id is bounded by what fits in memory; this catches garbage
 // ids (2**40 rows is far beyond any one server) before allocating for them.
 constexpr int64_t kMaxRow = int64_t{1} << 40;
-
-inline uint64_t mix(uint64_t z) {
-    z ^= z >> 30;
-    z *= 0xbf58476d1ce4e5b9ULL;
-    z ^= z >> 27;
-    z *= 0x94d049bb133111ebULL;
-    z ^= z >> 31;
-    return z;
-}
 
 struct Slot {
     uint64_t key;
@@ -461,38 +456,6 @@ constexpr const char* kKeysHint = "convert with np.asarray(keys, dtype=np.uint64
 
 CArray<uint64_t> keys_arg(const py::handle& obj) { return as_vector<uint64_t>(obj, "keys", "uint64", kKeysHint); }
 
-
-// Dense ids 0..u-1 for the distinct keys of k[0..n), in first-occurrence order:
-// inv[i] is the id of k[i] and uniq[id] its key. One hashing pass, no sort.
-void dedup(const uint64_t* k, size_t n, int64_t* inv, std::vector<uint64_t>& uniq) {
-    size_t cap = kMinCapacity;
-    while (cap < 2 * n) cap <<= 1;
-    const size_t mask = cap - 1;
-    std::vector<uint64_t> slot_key(cap);
-    std::vector<int64_t> slot_id(cap, -1);
-    uniq.clear();
-    uniq.reserve(n / 4 + 16);
-    for (size_t i = 0; i < n; ++i) {
-        if (i + kPrefetch < n) __builtin_prefetch(&slot_id[mix(k[i + kPrefetch]) & mask]);
-        const uint64_t key = k[i];
-        size_t s = mix(key) & mask;
-        for (;;) {
-            const int64_t id = slot_id[s];
-            if (id < 0) {
-                slot_id[s] = static_cast<int64_t>(uniq.size());
-                slot_key[s] = key;
-                inv[i] = static_cast<int64_t>(uniq.size());
-                uniq.push_back(key);
-                break;
-            }
-            if (slot_key[s] == key) {
-                inv[i] = id;
-                break;
-            }
-            s = (s + 1) & mask;
-        }
-    }
-}
 
 py::array_t<uint64_t> to_array(const std::vector<uint64_t>& v) {
     py::array_t<uint64_t> out(static_cast<py::ssize_t>(v.size()));

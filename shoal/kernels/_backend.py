@@ -77,6 +77,23 @@ class Backend(ABC):
         """(sorted unique keys, inverse) with ``uniq[inverse] == keys``."""
         return self.xp.unique(keys, return_inverse=True)
 
+    def unique_inverse(self, keys):
+        """(unique keys, inverse) with ``uniq[inverse] == keys``; the order of `uniq` is the
+        backend's (numpy: first occurrence, by hashing; the generic body: sorted)."""
+        uniq, inverse = self.xp.unique(keys, return_inverse=True)
+        return uniq, inverse.reshape(-1)
+
+    def gather_add_rows_(self, out, out_idx, src, src_idx=None, scale=None) -> None:
+        """``out[out_idx[j]] += scale[j] * src[src_idx[j]]`` for every j, in place (duplicates add).
+
+        `src_idx` None means row j of `src`; `scale` None means 1. The one kernel
+        of embedding bags: pooling (out = bags) and its backward (out = rows).
+        """
+        rows = src if src_idx is None else self.xp.take(src, src_idx, axis=0)
+        if scale is not None:
+            rows = rows * scale[:, None]
+        self.index_add_(out, out_idx, rows)
+
     def segment_sum(self, keys, rows):
         """Merge rows that share a key: (sorted unique keys, summed rows).
 

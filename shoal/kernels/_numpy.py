@@ -18,6 +18,8 @@ except ImportError as e:  # pragma: no cover - a broken install, not a mode
                       "(it compiles csrc/ with pybind11)") from e
 
 _F32 = np.dtype(np.float32)
+_I64 = np.dtype(np.int64)
+_U64 = np.dtype(np.uint64)
 
 
 def _fusable(*arrays) -> bool:
@@ -45,6 +47,20 @@ class NumpyBackend(Backend):
 
     def _make_rng(self, seed):
         return np.random.default_rng(seed)
+
+    def unique_inverse(self, keys):
+        if type(keys) is np.ndarray and keys.dtype == _U64 and keys.ndim == 1:
+            return _fused.unique_inverse(keys)
+        return super().unique_inverse(keys)
+
+    def gather_add_rows_(self, out, out_idx, src, src_idx=None, scale=None) -> None:
+        if (type(out) is np.ndarray and type(src) is np.ndarray and out.dtype == _F32 and src.dtype == _F32
+                and out.flags.c_contiguous and src.flags.c_contiguous and out.flags.writeable
+                and out.ndim == 2 and src.ndim == 2 and out_idx.dtype == _I64 and out_idx.flags.c_contiguous
+                and (src_idx is None or (src_idx.dtype == _I64 and src_idx.flags.c_contiguous))
+                and (scale is None or (scale.dtype == _F32 and scale.flags.c_contiguous))):
+            return _fused.gather_add_rows(out, out_idx, src, src_idx, scale)
+        return super().gather_add_rows_(out, out_idx, src, src_idx, scale)
 
     def all_finite(self, a) -> bool:
         if type(a) is np.ndarray and a.dtype == _F32 and a.flags.c_contiguous:

@@ -19,6 +19,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
+from shoal.kernels import backend_of, get_backend
 from shoal.worker.autograd import Function, is_grad_enabled
 from shoal.worker.errors import DTypeError, EngineError, ShapeError
 from shoal.worker.nn.layer import Layer
@@ -58,28 +59,18 @@ class _Pool(Function):
     def forward(self, rows, *, inverse, bag, scale, n_bags, direct, on_grad):
         self.inverse, self.bag, self.scale, self.on_grad = inverse, bag, scale, on_grad
         self.n_rows, self.direct = rows.shape[0], direct
-        gathered = rows[inverse]
-        if scale is not None:
-            gathered *= scale[:, None]
-        if direct:  # one occurrence per bag, already in bag order: no scatter at all
-            return gathered
-        out = np.zeros((n_bags, rows.shape[1]), rows.dtype)
-        # occurrences sorted by bag: a segment sum by reduceat over the non-empty bags
-        order = np.argsort(bag, kind="stable")
-        sorted_bag = bag[order]
-        starts = np.flatnonzero(np.r_[True, sorted_bag[1:] != sorted_bag[:-1]])
-        out[sorted_bag[starts]] = np.add.reduceat(gathered[order], starts, axis=0)
+        be = backend_of(rows)
+        if direct:  # one occurrence per bag, already in bag order: a plain gather
+            return be.gather_rows(rows, inverse)
+        out = be.xp.zeros((n_bags, rows.shape[1]), rows.dtype)
+        be.gather_add_rows_(out, bag, rows, inverse, scale)
         return out
 
     def backward(self, g):
-        occ = g if self.direct else g[self.bag]
-        if self.scale is not None:
-            occ = occ * self.scale[:, None]
-        grad_rows = np.zeros((self.n_rows, g.shape[1]), g.dtype)
-        order = np.argsort(self.inverse, kind="stable")
-        inv = self.inverse[order]
-        starts = np.flatnonzero(np.r_[True, inv[1:] != inv[:-1]])
-        grad_rows[inv[starts]] = np.add.reduceat(occ[order], starts, axis=0)
+        be = backend_of(g)
+        g = be.xp.ascontiguousarray(g)
+        grad_rows = be.xp.zeros((self.n_rows, g.shape[1]), g.dtype)
+        be.gather_add_rows_(grad_rows, self.inverse, g, None if self.direct else self.bag, self.scale)
         self.on_grad(grad_rows)
         return None
 
@@ -115,6 +106,7 @@ class _SparseLayer(Layer):
             raise ValueError(f"{type(self).__name__}({table!r}): dim={dim!r} must be a positive int")
         self.table, self.dim = table, dim
         self.sparse_backend: SparseBackend | None = None
+        self._be = get_backend("numpy")  # keys and pulled rows are host arrays
 
     def __deepcopy__(self, memo):
         # a copy talks to the same tables: the backend (sockets, threads) is shared, not copied
@@ -136,7 +128,7 @@ class _SparseLayer(Layer):
                 f"{type(self).__name__}({self.table!r}) has no sparse backend: call "
                 f"fleet.init_worker() (or fleet.init() in local mode) before the first forward")
         training = self.training and is_grad_enabled()
-        uniq, inverse = np.unique(keys, return_inverse=True)
+        uniq, inverse = self._be.unique_inverse(keys)
         rows = np.asarray(backend.pull(self.table, uniq, training=training), dtype=np.float32)
         if rows.shape != (len(uniq), self.dim):
             raise ShapeError(f"{type(self).__name__}({self.table!r}): the backend returned rows "
@@ -223,45 +215,48 @@ class EmbeddingBag(_SparseLayer):
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pooling={self.pooling!r}"
 
-    def forward(self, slots, labels=None) -> Tensor:
-        single = not isinstance(slots, (list, tuple)) or (
-            isinstance(slots, tuple) and len(slots) == 2 and isinstance(slots[0], np.ndarray))
-        parts = [slots] if single else list(slots)
-        if not parts:
-            raise ShapeError(f"EmbeddingBag({self.table!r}): got an empty list of slots")
+    def _prepare(self, parts: list):
+        """(keys, bag, n, s, direct, scale, rows_of) of the occurrences in `parts`."""
         where = f"EmbeddingBag({self.table!r})"
-        self.last_inputs = parts  # lets a prefetching loader learn which slots feed this table
         ragged = [_ragged(p, f"{where} slot {i}") for i, p in enumerate(parts)]
         n = len(ragged[0][1]) - 1
         if any(len(off) - 1 != n for _, off in ragged):
             raise ShapeError(f"{where}: the slots hold different batch sizes "
                              f"{[len(off) - 1 for _, off in ragged]}")
         s = len(ragged)
+        if all(len(v) == n for v, _ in ragged) and all((np.diff(off) == 1).all() for _, off in ragged):
+            # one id per bag: keys in bag order ([B, S] row-major) and pooling is a plain gather
+            keys = np.stack([v for v, _ in ragged], axis=1).reshape(-1)
+            bag = np.arange(n * s)
+            return keys, bag, n, s, True, None, bag // s
         lengths = np.stack([np.diff(off) for _, off in ragged], axis=1)  # [B, S]
         keys = np.concatenate([v for v, _ in ragged])
         rows_of = np.concatenate([np.repeat(np.arange(n), lengths[:, i]) for i in range(s)])
         slot_of = np.repeat(np.arange(s), [len(v) for v, _ in ragged])
         bag = rows_of * s + slot_of
-        direct = False
-        if (lengths == 1).all():
-            # one id per bag: order the occurrences by bag and pooling becomes a plain gather
-            order = np.argsort(bag, kind="stable")
-            keys, bag, rows_of = keys[order], bag[order], rows_of[order]
-            direct = True
         scale = None
-        if self.pooling != "sum" and not direct:
+        if self.pooling != "sum":
             per_bag = lengths.reshape(-1).astype(np.float32)[bag]
             scale = (1.0 / per_bag if self.pooling == "mean" else 1.0 / np.sqrt(per_bag)).astype(np.float32)
-        occ_labels = None if labels is None else _labels(labels, n, where)[rows_of]
+        return keys, bag, n, s, False, scale, rows_of
+
+    def forward(self, slots, labels=None) -> Tensor:
+        single = not isinstance(slots, (list, tuple)) or (
+            isinstance(slots, tuple) and len(slots) == 2 and isinstance(slots[0], np.ndarray))
+        parts = [slots] if single else list(slots)
+        if not parts:
+            raise ShapeError(f"EmbeddingBag({self.table!r}): got an empty list of slots")
+        self.last_inputs = parts  # lets a prefetching loader learn which slots feed this table
+        keys, bag, n, s, direct, scale, rows_of = self._prepare(parts)
+        occ_labels = None if labels is None else \
+            _labels(labels, n, f"EmbeddingBag({self.table!r})")[rows_of]
         out = self._lookup(keys, bag, n * s, scale, direct, occ_labels)
         return out if single else out.reshape([n, s, self.dim])
 
-
     def unique_keys(self, slots) -> np.ndarray:
-        """The sorted unique keys a forward over `slots` pulls (what a prefetch asks for)."""
+        """The unique keys a forward over `slots` pulls, in its order (what a prefetch asks for)."""
         parts = [slots] if not isinstance(slots, list) else slots
-        return np.unique(np.concatenate([_ragged(p, f"EmbeddingBag({self.table!r})")[0]
-                                         for p in parts]))
+        return self._be.unique_inverse(self._prepare(parts)[0])[0]
 
 
 def sparse_layers(model: Layer) -> list[_SparseLayer]:

@@ -10,6 +10,9 @@ ext_modules = [
     Pybind11Extension("shoal.kernels._fused", ["csrc/fused.cpp"], cxx_std=17,
                       # sqrt vectorizes only when it need not set errno (nothing here reads errno)
                       extra_compile_args=["-O3", "-fno-math-errno"]),
+    # Paddle's MultiSlot text format: the parser (threads, GIL released) and writer of worker/data.
+    Pybind11Extension("shoal.worker.data._multislot", ["csrc/multislot.cpp"], cxx_std=17,
+                      extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"]),
 ]
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

@@ -719,9 +719,7 @@ def test_non_contiguous_ids_and_values():
     np.testing.assert_allclose(out.numpy(), expect, rtol=1e-5)
 
 
-# -- known bugs -----------------------------------------------------------------------------------
-@pytest.mark.xfail(strict=True, reason="unique_keys treats a tuple of slots as one (values, "
-                   "offsets) pair, although forward accepts a tuple of slots")
+# -- a tuple of slots is several slots everywhere -------------------------------------------------
 @pytest.mark.parametrize("n_slots", [2, 3])
 def test_unique_keys_of_a_tuple_of_slots(n_slots):
     layer, be = bound(EmbeddingBag("t", DIM))

@@ -240,12 +240,17 @@ class EmbeddingBag(_SparseLayer):
             scale = (1.0 / per_bag if self.pooling == "mean" else 1.0 / np.sqrt(per_bag)).astype(np.float32)
         return keys, bag, n, s, False, scale, rows_of
 
-    def forward(self, slots, labels=None) -> Tensor:
+    def _parts(self, slots) -> tuple[list, bool]:
+        """(the slots as a list, whether one slot was given rather than a list of them)."""
         single = not isinstance(slots, (list, tuple)) or (
             isinstance(slots, tuple) and len(slots) == 2 and isinstance(slots[0], np.ndarray))
         parts = [slots] if single else list(slots)
         if not parts:
             raise ShapeError(f"EmbeddingBag({self.table!r}): got an empty list of slots")
+        return parts, single
+
+    def forward(self, slots, labels=None) -> Tensor:
+        parts, single = self._parts(slots)
         self.last_inputs = parts  # lets a prefetching loader learn which slots feed this table
         keys, bag, n, s, direct, scale, rows_of = self._prepare(parts)
         occ_labels = None if labels is None else \
@@ -255,8 +260,7 @@ class EmbeddingBag(_SparseLayer):
 
     def unique_keys(self, slots) -> np.ndarray:
         """The unique keys a forward over `slots` pulls, in its order (what a prefetch asks for)."""
-        parts = [slots] if not isinstance(slots, list) else slots
-        return self._be.unique_inverse(self._prepare(parts)[0])[0]
+        return self._be.unique_inverse(self._prepare(self._parts(slots)[0])[0])[0]
 
 
 def sparse_layers(model: Layer) -> list[_SparseLayer]:

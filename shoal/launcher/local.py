@@ -1,0 +1,230 @@
+"""The local supervisor: a PS job's servers and workers as child processes of this one.
+
+Servers start first (the user's script with TRAINING_ROLE=PSERVER, as in
+Paddle); each binds port 0 and reports its real endpoint into a file named
+by SHOAL_ENDPOINT_REPORT, and the supervisor waits (bounded) for every
+report before it starts the workers with the full
+PADDLE_PSERVERS_IP_PORT_LIST. No port is probed and bound later.
+
+Every child runs in its own process group, dies with its parent
+(PR_SET_PDEATHSIG, so even a SIGKILL of the supervisor leaves nothing
+behind), writes its output to `<log_dir>/serverlog.N` / `workerlog.N`, and
+gets OMP_NUM_THREADS = max(1, cores // processes) unless the caller set it.
+When every worker exits 0 the servers are given a grace period to exit (the
+first worker's stop_worker stops them), then SIGTERM. When any process fails,
+every other one gets SIGTERM, then SIGKILL after the grace period, and
+`wait` raises LaunchError naming the role, rank, exit code or signal and the
+last lines of its log.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shoal.configs.cluster import ServerEnv, WorkerEnv
+from shoal.launcher.errors import LaunchError
+
+_PR_SET_PDEATHSIG = 1
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+@dataclass
+class Child:
+    """One process of the job."""
+
+    role: str          # "server" or "worker"
+    rank: int
+    popen: subprocess.Popen
+    log: Path
+
+    def describe(self) -> str:
+        return f"{self.role} {self.rank} (pid {self.popen.pid})"
+
+    def exit_text(self) -> str:
+        rc = self.popen.returncode
+        if rc is None:
+            return "still running"
+        if rc < 0:
+            return f"killed by signal {signal.Signals(-rc).name}"
+        return f"exit code {rc}"
+
+    def tail(self, lines: int = 20) -> str:
+        try:
+            text = self.log.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _signal(child: Child, sig: int) -> None:
+    try:
+        os.killpg(child.popen.pid, sig)  # the child leads its own group: take its children too
+    except ProcessLookupError:
+        pass
+
+
+class LocalJob:
+    """Run `script` as a PS job of `n_servers` servers and `n_workers` workers on this machine.
+
+    Args:
+        script: the user's script (a path); `script_args` follow it.
+        log_dir: where serverlog.N, workerlog.N and endpoints.log go.
+        token: the job token (default: a fresh random one).
+        strategy_path: a strategy YAML for SHOAL_STRATEGY (None: unset).
+        host: the address every process binds and connects to.
+        env: extra variables for every child.
+        start_timeout: seconds the servers may take to report their endpoints.
+        grace: seconds between SIGTERM and SIGKILL, and for servers to exit after the workers.
+
+    Use as a context manager (`with LocalJob(...) as job: job.wait()`) so the
+    processes are stopped whatever happens. Not thread-safe.
+    """
+
+    def __init__(self, script, script_args=(), *, n_servers: int, n_workers: int, log_dir,
+                 token: str | None = None, strategy_path: str | None = None,
+                 host: str = "127.0.0.1", env: dict | None = None, start_timeout: float = 60.0,
+                 grace: float = 5.0, python: str = sys.executable):
+        if n_servers < 1 or n_workers < 1:
+            raise LaunchError(f"a PS job needs at least one server and one worker, got "
+                              f"--server_num {n_servers} --worker_num {n_workers}")
+        self.script, self.script_args = str(script), [str(a) for a in script_args]
+        self.n_servers, self.n_workers = n_servers, n_workers
+        self.log_dir = Path(log_dir)
+        self.token = token or secrets.token_hex(16)
+        self.strategy_path, self.host = strategy_path, host
+        self.extra_env = dict(env or {})
+        self.start_timeout, self.grace, self.python = start_timeout, grace, python
+        self.servers: list[Child] = []
+        self.workers: list[Child] = []
+        self.endpoints: list[str] = []
+        self.launch_t0 = time.time()
+
+    # -- starting ------------------------------------------------------------------
+    def _base_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PADDLE_", "SHOAL_")) and k not in ("TRAINING_ROLE", "POD_IP")}
+        threads = str(max(1, (os.cpu_count() or 1) // (self.n_servers + self.n_workers)))
+        for var in _THREAD_VARS:
+            env[var] = os.environ.get(var, threads)
+        env.update(self.extra_env)
+        env["SHOAL_LAUNCH_T0"] = repr(self.launch_t0)
+        return env
+
+    def _spawn(self, role: str, rank: int, contract: dict) -> Child:
+        log = self.log_dir / f"{role}log.{rank}"
+        env = dict(self._base_env(), **contract)
+        with open(log, "wb") as out:
+            popen = subprocess.Popen([self.python, self.script, *self.script_args], env=env,
+                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True, preexec_fn=_die_with_parent)
+        return Child(role, rank, popen, log)
+
+    def start(self) -> list[str]:
+        """Start the servers, wait for their endpoints, start the workers; returns the endpoints."""
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        common = dict(job_token=self.token, strategy_path=self.strategy_path,
+                      log_dir=str(self.log_dir), launch_t0=self.launch_t0)
+        reports = []
+        for i in range(self.n_servers):
+            report = self.log_dir / f".server{i}.endpoint"
+            report.unlink(missing_ok=True)
+            reports.append(report)
+            contract = ServerEnv(trainers_num=self.n_workers, server_index=i,
+                                 servers=(f"{self.host}:0",) * self.n_servers,
+                                 current_endpoint=f"{self.host}:0", report_path=str(report),
+                                 **common).to_environ()
+            self.servers.append(self._spawn("server", i, contract))
+        deadline = time.monotonic() + self.start_timeout
+        for child, report in zip(self.servers, reports):
+            while not report.exists():
+                if child.popen.poll() is not None:
+                    self.stop()
+                    raise LaunchError(f"{child.describe()} exited ({child.exit_text()}) before "
+                                      f"reporting its endpoint; last lines of {child.log}:\n"
+                                      f"{child.tail()}")
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise LaunchError(f"{child.describe()} did not report its endpoint within "
+                                      f"{self.start_timeout:.0f}s; last lines of {child.log}:\n"
+                                      f"{child.tail()}")
+                time.sleep(0.02)
+            self.endpoints.append(report.read_text().strip().replace("tcp://", ""))
+        (self.log_dir / "endpoints.log").write_text(
+            "".join(f"server {i} {ep}\n" for i, ep in enumerate(self.endpoints)))
+        # the workers' own endpoints are only names here (no worker binds them in PS mode)
+        trainers = tuple(f"{self.host}:0" for _ in range(self.n_workers))
+        for w in range(self.n_workers):
+            contract = WorkerEnv(trainers_num=self.n_workers, trainer_id=w,
+                                 pservers=tuple(self.endpoints), trainer_endpoints=trainers,
+                                 current_endpoint=trainers[w], **common).to_environ()
+            self.workers.append(self._spawn("worker", w, contract))
+        return self.endpoints
+
+    # -- supervising ---------------------------------------------------------------
+    def _failed(self) -> Child | None:
+        for child in self.workers:
+            rc = child.popen.poll()
+            if rc is not None and rc != 0:
+                return child
+        for child in self.servers:
+            # exit 0 is a server told to stop (by the first worker's stop_worker); a server that
+            # stops while others still need it makes their next call fail, naming it
+            if child.popen.poll() is not None and child.popen.returncode != 0:
+                return child
+        return None
+
+    def wait(self, timeout: float | None = None) -> None:
+        """Return once every worker exited 0 and the servers are down; raise LaunchError on a failure
+        (everything else stopped first) or past `timeout` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while any(c.popen.poll() is None for c in self.workers):
+            bad = self._failed()
+            if bad is not None:
+                self.stop()
+                raise LaunchError(f"{bad.describe()} failed ({bad.exit_text()}); stopped the other "
+                                  f"processes. Last lines of {bad.log}:\n{bad.tail()}")
+            if deadline is not None and time.monotonic() > deadline:
+                self.stop()
+                raise LaunchError(f"the job did not finish within {timeout:.0f}s; stopped it")
+            time.sleep(0.05)
+        bad = self._failed()
+        if bad is not None:
+            self.stop()
+            raise LaunchError(f"{bad.describe()} failed ({bad.exit_text()}); last lines of "
+                              f"{bad.log}:\n{bad.tail()}")
+        end = time.monotonic() + self.grace
+        while any(c.popen.poll() is None for c in self.servers) and time.monotonic() < end:
+            time.sleep(0.05)
+        self.stop()
+
+    def stop(self) -> None:
+        """SIGTERM every running process, SIGKILL what is left after the grace period."""
+        alive = [c for c in self.servers + self.workers if c.popen.poll() is None]
+        for child in alive:
+            _signal(child, signal.SIGTERM)
+        end = time.monotonic() + self.grace
+        for child in alive:
+            try:
+                child.popen.wait(timeout=max(0.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _signal(child, signal.SIGKILL)
+                child.popen.wait(timeout=10)
+
+    def __enter__(self) -> "LocalJob":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -17,13 +17,16 @@ Rank 0 shows a progress bar (examples/s, loss, AUC), writes metrics as JSON line
 """
 from __future__ import annotations
 
+import time
+
+_T_START = time.time()  # local mode counts launch-to-first-step from here (fleetrun sets SHOAL_LAUNCH_T0)
+
 import argparse
 import glob
 import json
 import os
 import resource
 import sys
-import time
 
 import numpy as np
 
@@ -79,7 +82,8 @@ def parse_args(argv=None):
     ap.add_argument("--save", help="save_persistables into this directory at the end")
     ap.add_argument("--resume", help="continue from a directory written by --save")
     ap.add_argument("--log-dir", default=os.environ.get("SHOAL_LOG_DIR", "log"))
-    ap.add_argument("--metrics-out", help="write the final figures of this process as JSON here")
+    ap.add_argument("--metrics-out", help="write the final figures of this process as JSON here "
+                                          "({role} and {rank} in the path are filled in)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="data parser threads")
     return ap.parse_args(argv)
@@ -108,6 +112,15 @@ def load(files, args, shuffle: bool) -> InMemoryDataset:
 
 
 def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss survives exec, so a
+    child would report its launcher's peak if that was higher."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
@@ -126,8 +139,8 @@ def train(args, model, opt, progress, timer, start_step: int) -> tuple[int, floa
         batches = fleet.prefetched(ds.batches(skip=skip), model)
         t_data = time.perf_counter()
         for batch in batches:
-            timer.add("data", time.perf_counter() - t_data)
             t0 = time.perf_counter()
+            timer.add("data", t0 - t_data)
             waits0 = comm.waits.pull_wait, comm.waits.push_wait
             labels = batch.dense["label"].reshape(-1).astype(np.int64)
             logits = model(batch, labels=labels)
@@ -140,7 +153,7 @@ def train(args, model, opt, progress, timer, start_step: int) -> tuple[int, floa
             timer.add("pull_wait", pull_wait)
             timer.add("push_wait", push_wait)
             timer.add("compute", time.perf_counter() - t0 - pull_wait - push_wait)
-            timer.add_step(time.perf_counter() - t0)
+            timer.add_step(time.perf_counter() - t_data)
             if first_step_at is None:
                 first_step_at = time.time()
             probs = F.softmax(logits.detach(), axis=1).numpy()[:, 1]
@@ -162,9 +175,9 @@ def train(args, model, opt, progress, timer, start_step: int) -> tuple[int, floa
     figures = {"train_auc": auc.accumulate(), "train_loss": loss_mean.accumulate(),
                "examples": examples, "train_seconds": elapsed, "load_seconds": load_seconds,
                "train_examples_per_s": examples / elapsed if elapsed > 0 else 0.0}
-    launch_t0 = os.environ.get("SHOAL_LAUNCH_T0")
-    if launch_t0 and first_step_at is not None:
-        figures["launch_to_first_step_s"] = first_step_at - float(launch_t0)
+    if first_step_at is not None:
+        launch_t0 = float(os.environ.get("SHOAL_LAUNCH_T0", _T_START))
+        figures["launch_to_first_step_s"] = first_step_at - launch_t0
     return step, elapsed, figures
 
 
@@ -193,8 +206,9 @@ def main(argv=None) -> int:
         fleet.init_server()
         fleet.run_server()
         if args.metrics_out:
-            with open(args.metrics_out, "w") as f:
-                json.dump({"role": "server", "peak_rss_mb": peak_rss_mb()}, f)
+            with open(args.metrics_out.format(role="server", rank=fleet.server_index()), "w") as f:
+                json.dump({"role": "server", "rank": fleet.server_index(),
+                           "peak_rss_mb": peak_rss_mb()}, f)
         return 0
 
     data_files(args)  # generate (or find) the data before the servers' clocks matter
@@ -218,7 +232,7 @@ def main(argv=None) -> int:
         progress.print(timer.table("per-step time (worker 0)"))
     fleet.stop_worker()
     if args.metrics_out:
-        with open(args.metrics_out, "w") as f:
+        with open(args.metrics_out.format(role="worker", rank=rank), "w") as f:
             json.dump(dict(figures, role="worker", rank=rank), f)
     if rank == 0:
         print(f"trained {figures['examples']} examples in {elapsed:.1f}s "

@@ -89,6 +89,12 @@ def worker_index() -> int:
     return _rt("worker_index").worker_index()
 
 
+def server_index() -> int:
+    """This server's index (0-based); -1 on a worker."""
+    rt = _rt("server_index")
+    return rt.env.server_index if rt.is_server() else -1
+
+
 def worker_num() -> int:
     return _rt("worker_num").worker_num()
 
@@ -179,13 +185,27 @@ def reduce_sum(name: str, array):
     return _rt("reduce_sum").reduce(name, array)
 
 
+def all_to_all(parts: list) -> list:
+    """Send parts[j] (a sample Batch) to worker j; return the part every worker sent here, in rank
+    order. A collective: every worker calls it. `dataset.global_shuffle(fleet)` uses it."""
+    rt = _rt("all_to_all")
+    rt._connected("all_to_all")
+    if rt.worker_num() == 1:
+        return list(parts)
+    if rt.exchange is None:
+        from shoal.fleet._exchange import Exchange
+        rt.exchange = Exchange(rt)
+    return rt.exchange(parts)
+
+
 def communicator():
     """This worker's communicator (for its wait times), or None before init_worker."""
     return _rt("communicator").communicator
 
 
-__all__ = ["init", "is_server", "is_worker", "is_first_worker", "worker_index", "worker_num",
+__all__ = ["init", "is_server", "is_worker", "is_first_worker", "worker_index", "server_index", "worker_num",
            "server_num", "is_local", "strategy", "distributed_model", "distributed_optimizer",
            "init_server", "run_server", "init_worker", "stop_worker", "flush", "barrier_worker",
-           "save_persistables", "load_model", "shrink", "reduce_sum", "communicator", "prefetched",
+           "save_persistables", "load_model", "shrink", "reduce_sum", "all_to_all", "communicator",
+           "prefetched",
            "DistributedOptimizer", "DistributedStrategy", "FleetError"]

@@ -52,6 +52,7 @@ class PSRuntime:
         self.optimizer: DistributedOptimizer | None = None
         self.model = None
         self.flat: FlatParams | None = None
+        self.exchange = None  # worker-to-worker all_to_all, started by the first global_shuffle
         self._barriers = 0
         if self.local and not quiet:
             print(_local_line(self.strategy), file=sys.stderr, flush=True)
@@ -220,6 +221,9 @@ class PSRuntime:
                 self.client.stop_servers()
         finally:
             bind_sparse_backend(self.model, None)
+            if self.exchange is not None:
+                self.exchange.close()
+                self.exchange = None
             self.client.close()
             self.communicator = None
 

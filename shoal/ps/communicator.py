@@ -34,7 +34,7 @@ import numpy as np
 
 from shoal.ps._keymap import KeyMap, merge_rows
 from shoal.ps.client import PSClient
-from shoal.ps.errors import PSError
+from shoal.ps.errors import PSError, PSTimeoutError
 
 
 class Mode(enum.Enum):
@@ -165,10 +165,15 @@ class Communicator:
 
 
 class SyncCommunicator(Communicator):
+    """Sync: a step's sparse gradients are buffered per table and sent once at `step()`, tagged
+    [step, n_workers], with an empty push for a table this worker did not touch, so every
+    server hears from every worker exactly once per table and step."""
+
     mode = Mode.SYNC
 
     def __init__(self, client, worker_index=0, worker_num=1, timeout=60.0, **config):
         super().__init__(client, worker_index, worker_num, timeout, **config)
+        self._buffer: dict[str, list] = {}
         self._pending: list = []
         self._scale = np.float32(1.0 / worker_num)
 
@@ -177,16 +182,32 @@ class SyncCommunicator(Communicator):
 
     def push(self, table, keys, grads, *, shows, clicks):
         self._raise_pending()
-        g = grads if self.worker_num == 1 else grads * self._scale
-        self._pending.append(self.client.push_sparse_async(table, keys, g, shows, clicks,
-                                                           sync=self._sync()))
+        self._buffer.setdefault(table, []).append((keys, grads, shows, clicks))
 
-    def _sparse_only_tables(self) -> list[str]:
-        return []
+    def _send_sparse(self) -> None:
+        buffered, self._buffer = self._buffer, {}
+        tables = [name for name, spec in self.client.specs.items() if spec.kind == "sparse"]
+        for table in tables:
+            parts = buffered.get(table, [])
+            if not parts and self.worker_num == 1:
+                continue
+            dim = self.client.specs[table].dim
+            if len(parts) == 1:
+                keys, grads, shows, clicks = parts[0]
+            elif parts:
+                keys, grads, shows, clicks = (np.concatenate(c) for c in zip(*parts))
+            else:
+                keys, grads = np.zeros(0, np.uint64), np.zeros((0, dim), np.float32)
+                shows = clicks = np.zeros(0, np.float32)
+            if self.worker_num > 1:
+                grads = grads * self._scale
+            self._pending.append(self.client.push_sparse_async(table, keys, grads, shows, clicks,
+                                                               sync=self._sync()))
 
     def step(self, dense, lr):
         self._raise_pending()
         t0 = time.perf_counter()
+        self._send_sparse()
         if dense is not None:
             g = dense if self.worker_num == 1 else dense * self._scale
             self._pending.append(self.client.push_dense_async(DENSE_TABLE, g, lr, sync=self._sync()))
@@ -194,12 +215,23 @@ class SyncCommunicator(Communicator):
         self.client._wait_all(pending, self.timeout)
         if self.worker_num > 1:
             # every worker's pushes of this step are held or applied; once all are here, all applied
-            self.client.barrier(f"sync-step-{self.steps}", self.worker_num, self.timeout)
+            try:
+                self.client.barrier(f"sync-step-{self.steps}", self.worker_num, self.timeout)
+            except PSTimeoutError as e:
+                raise CommunicatorError(
+                    f"worker {self.worker_index}: sync step {self.steps}: not every worker reached "
+                    f"this step within {self.timeout}s. In sync mode every worker must run the same "
+                    f"number of steps (give each the same number of batches, e.g. equal file "
+                    f"shards and drop_last=True), and all must be alive ({e})") from e
         self.waits.push_wait += time.perf_counter() - t0
         self.steps += 1
         return self.pull_dense() if dense is not None else None
 
     def flush(self):
+        if self._buffer:  # gradients of a step that was never completed
+            raise CommunicatorError(
+                f"worker {self.worker_index}: sync mode holds gradients of step {self.steps} that "
+                f"optimizer.step() never sent; call it after backward() before stopping")
         pending, self._pending = self._pending, []
         self.client._wait_all(pending, self.timeout)
 
@@ -355,9 +387,9 @@ class AsyncCommunicator(Communicator):
 
     def flush(self):
         self._sender.drain(self.timeout)
-        if self._error is None:
-            with self._recv_lock:
-                self._latest = None
+        self._raise_pending()
+        with self._recv_lock:
+            self._latest = None
 
     def _close_threads(self):
         self._sender.close()

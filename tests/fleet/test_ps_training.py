@@ -76,7 +76,7 @@ def test_no_gradient_is_lost(tmp_path, mode):
 
 @pytest.mark.parametrize("mode", ["async", "geo"])
 def test_two_by_two_reaches_the_auc_of_one_process(tmp_path, mode):
-    args = ["--steps", "300", "--eval", "1000", "--k-steps", "10"]
+    args = ["--steps", "800", "--eval", "1000", "--k-steps", "10"]
     local = local_run(tmp_path, "--mode", "sync", "--batch", "32", *args)
     workers = ps_run(tmp_path, 2, 2, "--mode", mode, "--batch", "16", *args)
     assert local["auc"] > 0.75
@@ -116,3 +116,27 @@ def test_a_partial_contract_raises_naming_the_missing_variables(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert res.returncode != 0
     assert "PADDLE_TRAINER_ID" in res.stderr and "PADDLE_PSERVERS_IP_PORT_LIST" in res.stderr
+
+
+def test_global_shuffle_moves_every_sample_to_exactly_one_worker(tmp_path):
+    sample = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "ctr_multislot_sample.txt"
+    if not sample.exists():
+        pytest.skip(f"the shared data sample {sample} is not here")
+    lines = sample.read_text().splitlines(keepends=True)
+    parts = [tmp_path / f"part-{i}.txt" for i in range(2)]
+    for i, p in enumerate(parts):
+        p.write_text("".join(lines[i::2]))
+    script = Path(__file__).with_name("shuffle_job.py")
+    out = str(tmp_path / "w{rank}.npz")
+    codes = procs.run_job(script, 1, 2, tmp_path, lambda w: [out, *map(str, parts)],
+                          server_args=[out, *map(str, parts)])
+    assert codes == [0, 0], procs.log_of(tmp_path, "worker", 0)
+    got = [np.load(out.format(rank=w)) for w in range(2)]
+    assert [int(g["before"]) for g in got] == [1000, 1000]
+    assert all(0 < len(g["c1"]) < 2000 for g in got)  # both workers kept and received samples
+    seen = sorted(zip(np.concatenate([g["c1"] for g in got]).tolist(),
+                      np.concatenate([g["c26"] for g in got]).tolist(),
+                      np.concatenate([g["label"] for g in got]).astype(int).tolist()))
+    want = sorted((int(t[17]), int(t[-1]), int(t[1]))
+                  for t in (line.split() for line in lines))
+    assert seen == want

@@ -149,8 +149,9 @@ class InMemoryDataset(DatasetBase):
         Args:
             exchange: ``all_to_all(parts) -> received``: parts[j] goes to
                 worker j; returns the blocks every worker sent to this one,
-                in rank order (its own part included). Provided by the fleet
-                layer. None (or one worker): a local shuffle.
+                in rank order (its own part included): ``fleet.all_to_all``,
+                or the fleet module itself (Paddle's ``global_shuffle(fleet)``).
+                None (or one worker): a local shuffle.
             seed: every worker must pass the same seed for a reproducible
                 shuffle; None draws one (this worker's order is then random).
             worker_index, worker_num: default to those of `set_filelist`.
@@ -163,6 +164,11 @@ class InMemoryDataset(DatasetBase):
                 or an exchange that returns the wrong number or kind of blocks.
         """
         block = self._require_block()
+        if hasattr(exchange, "all_to_all"):  # Paddle's spelling: dataset.global_shuffle(fleet)
+            fleet = exchange
+            worker_index = fleet.worker_index() if worker_index is None else worker_index
+            worker_num = fleet.worker_num() if worker_num is None else worker_num
+            exchange = fleet.all_to_all
         rank = self.worker_index if worker_index is None else worker_index
         n = self.worker_num if worker_num is None else worker_num
         if isinstance(n, bool) or not isinstance(n, int) or n < 1 or not 0 <= rank < n:

@@ -23,17 +23,39 @@ TRIM_THRESHOLD = 512 << 20  # give memory back only when 512 MiB lie free at the
 TOP_PAD = 16 << 20          # grow the heap 16 MiB at a time
 
 
+def _libc():
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        return ctypes.CDLL(name)
+    except OSError:
+        return None
+
+
+def release_free_memory() -> bool:
+    """Give the heap's free memory back to the kernel now (glibc's malloc_trim).
+
+    The tuned heap keeps freed blocks for the next step's temporaries; after a
+    one-off burst (loading a dataset, a big pull) call this so the process
+    does not stay at its peak. True if the C library has malloc_trim.
+    """
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is None:
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
+
+
 def tune_allocator() -> bool:
     """Apply the settings above; True if the C library took all of them."""
     if os.environ.get("SHOAL_MALLOC_TUNE", "1") == "0":
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     return all(mallopt(opt, value) == 1 for opt, value in (

@@ -8,6 +8,7 @@ shard) and different shards can be worked on by different threads.
 """
 from __future__ import annotations
 
+import mmap
 import threading
 
 import numpy as np
@@ -20,6 +21,16 @@ from shoal.ps.partition import shard_of, uniform_rows
 from shoal.ps.spec import SparseTableSpec
 
 _STATS = ("show", "click", "delta_score", "unseen_days")
+
+
+def _arena_zeros(shape: tuple, dtype) -> np.ndarray:
+    """Zeros in an anonymous mapping of their own: pages become resident only when written, and
+    a replaced arena goes back to the OS at once (from malloc's heap, tuned to keep freed memory
+    for numpy's temporaries, an outgrown arena would stay resident)."""
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < (1 << 20):
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
 
 
 class SparseShard:
@@ -72,7 +83,7 @@ class SparseShard:
         cap = max(bound, 2 * self.cap, 1024)
 
         def grown(a):
-            out = np.zeros((cap,) + a.shape[1:], a.dtype)
+            out = _arena_zeros((cap,) + a.shape[1:], a.dtype)
             out[:len(a)] = a
             return out
         self.values = grown(self.values)

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
+from shoal.kernels import release_free_memory
 from shoal.worker.data._hash import key, mix64
 from shoal.worker.data.batch import Batch
 from shoal.worker.data.dataset import DatasetBase
@@ -71,6 +72,7 @@ class InMemoryDataset(DatasetBase):
         reader = self._new_reader()
         self._block = reader.read_files(self._files)
         self._shuffle_size = 0
+        release_free_memory()  # the parser's chunk buffers are gone: do not keep them resident
 
     def preload_into_memory(self) -> None:
         """Start `load_into_memory` on a background thread; `wait_preload_done()` waits for it."""
@@ -105,6 +107,7 @@ class InMemoryDataset(DatasetBase):
         self._wait_preload()
         self._block = None
         self._shuffle_size = 0
+        release_free_memory()
 
     @property
     def block(self) -> Batch:
@@ -134,8 +137,10 @@ class InMemoryDataset(DatasetBase):
         """Permute the samples in memory (seeded: the same seed gives the same order)."""
         block = self._require_block()
         rng = np.random.default_rng(_seed(seed))
-        self._block = block.take(rng.permutation(block.size))
+        self._block = None  # the batches of an earlier pass (views) keep their own columns alive
+        self._block = block.take(rng.permutation(block.size), consume=True)
         self._shuffle_size = self._block.size
+        release_free_memory()
 
     def global_shuffle(self, exchange: Exchange | None = None, seed: int | None = None, *,
                        worker_index: int | None = None, worker_num: int | None = None) -> None:
@@ -192,9 +197,11 @@ class InMemoryDataset(DatasetBase):
         if bad:
             raise DataError(f"global_shuffle: blocks from worker(s) {bad} have other slots than this worker's "
                             f"({block.slots!r}); every worker must read with the same use_var")
-        merged = Batch.concat(received)
+        self._block = block = grouped = parts = None
+        merged = Batch.concat(received, consume=True)
+        del received
         rng = np.random.default_rng(key(seed, rank, 1))
-        self._block = merged.take(rng.permutation(merged.size))
+        self._block = merged.take(rng.permutation(merged.size), consume=True)
         self._shuffle_size = self._block.size
 
     # ---- batches ----

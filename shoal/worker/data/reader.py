@@ -21,7 +21,7 @@ from enum import Enum
 
 from shoal.worker.data import _multislot
 from shoal.worker.data._source import file_pieces, pipe_pieces
-from shoal.worker.data.batch import Batch, Ragged
+from shoal.worker.data.batch import Batch, Ragged, is_unit_offsets, unit_offsets
 from shoal.worker.data.errors import BadLineError, DataError
 from shoal.worker.data.slots import Slot, SlotList
 
@@ -144,6 +144,8 @@ class MultiSlotReader:
             if s.dense:
                 dense[s.name] = values.reshape(n, s.dim)
             else:
+                if len(values) == n and is_unit_offsets(offsets):  # share the offsets of single-id slots
+                    offsets = unit_offsets(n)
                 sparse[s.name] = Ragged(values, offsets, validate=False)
         return Batch(dense, sparse, self.slots, n, validate=False), n_lines
 
@@ -188,7 +190,7 @@ class MultiSlotReader:
     def read_files(self, paths: Iterable[str | os.PathLike]) -> Batch:
         """All samples of the files, in order, as one Batch."""
         blocks = [b for p in paths for b in self.iter_file(p)]
-        return Batch.concat(blocks) if blocks else Batch.empty(self.slots)
+        return Batch.concat(blocks, consume=True) if blocks else Batch.empty(self.slots)
 
 
 def parse_multislot(data, slots: SlotList | Iterable[Slot], **reader_kwargs) -> Batch:

@@ -63,12 +63,14 @@ class FlatParams:
         if optimizer.grad_clip is not None and pairs:
             pairs = optimizer.grad_clip(pairs)
         got = {id(p): g for p, g in pairs}
-        flat = np.zeros(self.size, np.float32)
+        flat = np.empty(self.size, np.float32)  # every slice is written below
         start = 0
         wd = optimizer.weight_decay if optimizer.coupled_decay else 0.0
         for p, n in zip(self.params, self.sizes):
             g = got.get(id(p))
-            if g is not None:
+            if g is None:
+                flat[start:start + n] = 0.0
+            else:
                 if isinstance(g, SparseGrad):
                     g = g.to_dense()
                 flat[start:start + n] = np.asarray(g, np.float32).reshape(-1)

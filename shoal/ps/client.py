@@ -139,9 +139,15 @@ class PSClient:
         self.specs[spec.name] = spec
 
     # -- sparse ------------------------------------------------------------------------
-    def pull_sparse_async(self, table: str, keys: np.ndarray, training: bool = True) -> PSHandle:
+    def pull_sparse_async(self, table: str, keys: np.ndarray, training: bool = True,
+                          unique: bool = False) -> PSHandle:
+        """Start a pull; `unique` says the keys hold no duplicates (the sparse layers dedup
+        already), which skips the client's dedup and reorder. Correct either way."""
         spec = self._spec(table, "sparse")
-        uniq, inverse = unique_inverse(self._keys(keys))
+        if unique:
+            uniq, inverse = self._keys(keys), None
+        else:
+            uniq, inverse = unique_inverse(self._keys(keys))
         owner = partition(uniq, self.n)
         header = {"table": table, "training": training, "unique": True}
         parts = [(pos, self.rpc.call_async(s, "pull_sparse", header, [uniq[pos]]))
@@ -152,12 +158,13 @@ class PSClient:
             replies = self._wait_all([h for _, h in parts], timeout)
             for (pos, _), (_, arrays) in zip(parts, replies):
                 out[pos] = arrays[0]
-            return out[inverse]
+            return out if inverse is None else out[inverse]
         return PSHandle(finish)
 
-    def pull_sparse(self, table: str, keys: np.ndarray, training: bool = True) -> np.ndarray:
+    def pull_sparse(self, table: str, keys: np.ndarray, training: bool = True,
+                    unique: bool = False) -> np.ndarray:
         """Rows [len(keys), dim] in the order of `keys`. Read-only when not `training`."""
-        return self.pull_sparse_async(table, keys, training).wait()
+        return self.pull_sparse_async(table, keys, training, unique).wait()
 
     def push_sparse_async(self, table: str, keys: np.ndarray, grads: np.ndarray,
                           shows: np.ndarray | None = None, clicks: np.ndarray | None = None,

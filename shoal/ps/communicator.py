@@ -90,7 +90,7 @@ class Communicator:
         """Start pulling `keys` (unique) for the next forward of `table`; returns at once."""
         self._raise_pending()
         self._prefetched.setdefault(table, []).append(
-            (keys, self.client.pull_sparse_async(table, keys, training=True)))
+            (keys, self.client.pull_sparse_async(table, keys, training=True, unique=True)))
 
     def pull(self, table: str, keys: np.ndarray, *, training: bool) -> np.ndarray:
         self._raise_pending()
@@ -103,8 +103,8 @@ class Communicator:
                     del waiting[i]
                     rows = handle.wait(self.timeout)
                     break
-        if rows is None:
-            rows = self.client.pull_sparse(table, keys, training=training)
+        if rows is None:  # the sparse layers pass unique keys
+            rows = self.client.pull_sparse(table, keys, training=training, unique=True)
         self.waits.pull_wait += time.perf_counter() - t0
         return rows
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from shoal.kernels import backend_of, get_backend
 from shoal.worker.autograd import Function, is_grad_enabled
+from shoal.worker.data.batch import is_unit_offsets
 from shoal.worker.errors import DTypeError, EngineError, ShapeError
 from shoal.worker.nn.layer import Layer
 from shoal.worker.tensor import Tensor
@@ -87,6 +88,9 @@ def _ragged(x, where: str) -> tuple[np.ndarray, np.ndarray]:
     if values.dtype != np.uint64 or values.ndim != 1:
         raise DTypeError(f"{where}: feature ids must be a 1-D uint64 array, got {values.dtype} "
                          f"{list(values.shape)}")
+    if offsets.dtype == np.int64 and offsets.ndim == 1 and len(offsets) == len(values) + 1 \
+            and is_unit_offsets(offsets):
+        return values, offsets  # the common single-id slot (shared offsets: checked in O(1))
     if (offsets.ndim != 1 or offsets.dtype.kind not in "iu" or len(offsets) < 1 or offsets[0] != 0
             or offsets[-1] != len(values) or (np.diff(offsets) < 0).any()):
         raise ShapeError(f"{where}: offsets must be a non-decreasing int array from 0 to "
@@ -224,7 +228,7 @@ class EmbeddingBag(_SparseLayer):
             raise ShapeError(f"{where}: the slots hold different batch sizes "
                              f"{[len(off) - 1 for _, off in ragged]}")
         s = len(ragged)
-        if all(len(v) == n for v, _ in ragged) and all((np.diff(off) == 1).all() for _, off in ragged):
+        if all(len(v) == n and is_unit_offsets(off) for v, off in ragged):
             # one id per bag: keys in bag order ([B, S] row-major) and pooling is a plain gather
             keys = np.stack([v for v, _ in ragged], axis=1).reshape(-1)
             bag = np.arange(n * s)

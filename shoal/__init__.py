@@ -27,6 +27,14 @@ for _alias, _mod in {"nn": nn, "nn.functional": nn.functional, "nn.initializer":
 __version__ = "0.1.0"
 
 
+def __getattr__(name: str):
+    # the PS/fleet side loads on first use: `import shoal` stays fast and zmq-free
+    if name in ("fleet", "datasets"):
+        import importlib
+        return importlib.import_module(f"shoal.{name}")
+    raise AttributeError(f"module 'shoal' has no attribute {name!r}")
+
+
 def to_tensor(data, dtype=None, stop_gradient: bool = True, backend=None) -> Tensor:
     """A new Tensor from `data` (Paddle's spelling: `stop_gradient=False` to require grad)."""
     return Tensor(data, dtype=dtype, requires_grad=not stop_gradient, backend=backend)

@@ -33,6 +33,35 @@ def _libc():
         return None
 
 
+def mapped_zeros(shape: tuple, dtype) -> "np.ndarray":
+    """Zeros in an anonymous mapping of their own (large arrays; small ones come from numpy).
+
+    Pages become resident only when written, and when the array is dropped the
+    mapping goes back to the kernel at once: for arrays that grow by copying
+    (table arenas), which the tuned heap would otherwise keep resident.
+    """
+    import mmap
+
+    import numpy as np
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes < (1 << 20):
+        return np.zeros(shape, dtype)
+    return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
+
+
+def tune_for_server() -> bool:
+    """A server's settings: blocks of 1 MiB and more are mmapped and given back when freed,
+    and free heap above 64 MiB is trimmed. A server's big temporaries (a GEO delta, a large
+    pull) come in bursts, and its resident size is what a cluster plans for."""
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is None or os.environ.get("SHOAL_MALLOC_TUNE", "1") == "0":
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return all(mallopt(opt, value) == 1 for opt, value in (
+        (_M_MMAP_THRESHOLD, 1 << 20), (_M_TRIM_THRESHOLD, 64 << 20), (_M_TOP_PAD, 1 << 20)))
+
+
 def release_free_memory() -> bool:
     """Give the heap's free memory back to the kernel now (glibc's malloc_trim).
 

@@ -32,6 +32,7 @@ import threading
 import time
 import numpy as np
 
+from shoal.kernels import mapped_zeros
 from shoal.ps._keymap import KeyMap, merge_rows
 from shoal.ps.client import PSClient
 from shoal.ps.errors import PSError, PSTimeoutError
@@ -421,17 +422,17 @@ class _LocalRows:
     def __init__(self, dim: int):
         self.map = KeyMap()
         self.dim = dim
-        self.values = np.zeros((1024, dim), np.float32)
-        self.base = np.zeros((1024, dim), np.float32)
-        self.touched = np.zeros(1024, bool)
-        self.row_keys = np.zeros(1024, np.uint64)
+        self.values = mapped_zeros((1024, dim), np.float32)
+        self.base = mapped_zeros((1024, dim), np.float32)
+        self.touched = mapped_zeros((1024,), bool)
+        self.row_keys = mapped_zeros((1024,), np.uint64)
 
     def ensure(self, n: int) -> None:
         if n > len(self.values):
             cap = max(n, 2 * len(self.values))
             for name in ("values", "base", "touched", "row_keys"):
                 old = getattr(self, name)
-                new = np.zeros((cap,) + old.shape[1:], old.dtype)
+                new = mapped_zeros((cap,) + old.shape[1:], old.dtype)
                 new[:len(old)] = old
                 setattr(self, name, new)
 

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 
+from shoal.kernels import tune_for_server
 from shoal.ps.errors import PSError
 from shoal.ps.rpc import RpcServer
 from shoal.ps.service import INLINE_OPS, PSService
@@ -50,6 +51,7 @@ def serve(index: int, n_servers: int, endpoint: str, token: str, *, auth: str = 
     set by another thread (or a `stop` request), drains in-flight requests
     and returns.
     """
+    tune_for_server()
     service = PSService(index, n_servers, max_waiters=max(1, n_threads - 4))
     if load_dir is not None:
         service.op_load({"dir": os.path.abspath(load_dir)}, [])

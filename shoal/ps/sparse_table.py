@@ -8,12 +8,11 @@ shard) and different shards can be worked on by different threads.
 """
 from __future__ import annotations
 
-import mmap
 import threading
 
 import numpy as np
 
-from shoal.kernels import get_backend
+from shoal.kernels import get_backend, mapped_zeros
 from shoal.ps._keymap import KeyMap, merge_rows, unique_inverse
 from shoal.ps.accessor import Pending, make_entry, make_rule
 from shoal.ps.errors import TableError
@@ -21,16 +20,6 @@ from shoal.ps.partition import shard_of, uniform_rows
 from shoal.ps.spec import SparseTableSpec
 
 _STATS = ("show", "click", "delta_score", "unseen_days")
-
-
-def _arena_zeros(shape: tuple, dtype) -> np.ndarray:
-    """Zeros in an anonymous mapping of their own: pages become resident only when written, and
-    a replaced arena goes back to the OS at once (from malloc's heap, tuned to keep freed memory
-    for numpy's temporaries, an outgrown arena would stay resident)."""
-    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    if nbytes < (1 << 20):
-        return np.zeros(shape, dtype)
-    return np.frombuffer(mmap.mmap(-1, nbytes), dtype).reshape(shape)
 
 
 class SparseShard:
@@ -83,7 +72,7 @@ class SparseShard:
         cap = max(bound, 2 * self.cap, 1024)
 
         def grown(a):
-            out = _arena_zeros((cap,) + a.shape[1:], a.dtype)
+            out = mapped_zeros((cap,) + a.shape[1:], a.dtype)
             out[:len(a)] = a
             return out
         self.values = grown(self.values)

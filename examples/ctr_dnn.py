@@ -134,7 +134,8 @@ def train(args, model, opt, progress, timer, start_step: int) -> tuple[int, floa
     step, first_step_at, examples = start_step, None, 0
     per_epoch = ds.num_batches()
     t_start = time.perf_counter()
-    for epoch in range(start_step // per_epoch, args.epochs):
+    last = args.epochs * per_epoch if not args.steps else min(args.steps, args.epochs * per_epoch)
+    for epoch in range(start_step // per_epoch, args.epochs if start_step < last else 0):
         skip = start_step - epoch * per_epoch if epoch == start_step // per_epoch else 0
         batches = fleet.prefetched(ds.batches(skip=skip), model)
         t_data = time.perf_counter()
@@ -224,6 +225,8 @@ def main(argv=None) -> int:
         step, elapsed, figures = train(args, model, opt, progress, timer, start_step)
         if args.save:
             fleet.save_persistables(args.save, extra={"step": step})
+        else:
+            fleet.flush()  # evaluate the model the servers hold, with every gradient applied
         figures["test_auc"] = evaluate(args, model)
         figures.update(step=step, mode=fleet.communicator().mode.value,
                        workers=fleet.worker_num(), servers=fleet.server_num(),

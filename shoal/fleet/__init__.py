@@ -149,9 +149,10 @@ def init_worker(model=None) -> None:
     _rt("init_worker").init_worker(model if model is not None else _model)
 
 
-def stop_worker() -> None:
-    """Flush every queued gradient, wait for all workers, stop the servers (worker 0)."""
-    _rt("stop_worker").stop_worker()
+def stop_worker(stop_servers: bool = True) -> None:
+    """Flush every queued gradient, wait for all workers, stop the servers (worker 0; not with
+    `stop_servers=False`, when a later phase of the job uses them)."""
+    _rt("stop_worker").stop_worker(stop_servers)
 
 
 def flush() -> None:

@@ -37,15 +37,19 @@ def prefetched(batches: Iterable, model=None) -> Iterator:
     plan: dict[EmbeddingBag, list[str]] = {}
     it = iter(batches)
     current = next(it, None)
-    while current is not None:
-        upcoming = next(it, None)
-        if upcoming is not None:
-            for layer, names in plan.items():
-                comm.prefetch(layer.table, layer.unique_keys([upcoming.sparse[n] for n in names]))
-        yield current
-        if not plan:
-            for layer in layers:
-                names = _slot_names(layer, current)
-                if names is not None:
-                    plan[layer] = names
-        current = upcoming
+    try:
+        while current is not None:
+            upcoming = next(it, None)
+            if upcoming is not None:
+                for layer, names in plan.items():
+                    comm.prefetch(layer.table, layer.unique_keys([upcoming.sparse[n] for n in names]))
+            yield current
+            if not plan:
+                for layer in layers:
+                    names = _slot_names(layer, current)
+                    if names is not None:
+                        plan[layer] = names
+            current = upcoming
+    finally:  # the consumer stopped early (break, --steps): nothing stays in flight
+        if comm is rt.communicator:
+            comm._drop_prefetches()

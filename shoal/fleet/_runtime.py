@@ -19,6 +19,7 @@ from shoal.configs import CommMode, DistributedStrategy
 from shoal.configs import cluster
 from shoal.fleet._optimizer import DistributedOptimizer, FlatParams, dense_spec
 from shoal.fleet.errors import FleetError
+from shoal.ps.checkpoint import read_manifest
 from shoal.ps.client import PSClient
 from shoal.ps.communicator import DENSE_TABLE, Communicator, make_communicator
 from shoal.ps.spec import SparseTableSpec
@@ -26,7 +27,11 @@ from shoal.worker.nn.sparse import bind_sparse_backend, sparse_layers
 from shoal.worker.serialization import load as load_tree
 from shoal.worker.serialization import save as save_tree
 
-_WORKER_STATE = "worker-state.npz"
+
+
+def _worker_file(rank: int, save_id: str) -> str:
+    return f"worker-{rank:05d}-{save_id}.npz"
+
 _MODE_NAMES = {CommMode.SYNC: "sync", CommMode.ASYNC: "async", CommMode.HALF_ASYNC: "half_async",
                CommMode.GEO: "geo"}
 
@@ -166,9 +171,9 @@ class PSRuntime:
         self.client = client = self._client()
         try:
             if self.worker_index() == 0:
-                for spec in specs:
-                    client.create_table(spec)
-                if flat.size:
+                created = {spec.name: client.create_table(spec) for spec in specs}
+                # a table the servers loaded from a checkpoint (init_server(dirname)) keeps its values
+                if flat.size and created[DENSE_TABLE]:
                     client.init_dense(DENSE_TABLE, flat.buffer)
             else:
                 for spec in specs:
@@ -199,17 +204,20 @@ class PSRuntime:
                                             if s.kind == "sparse"})
 
     def _flush(self) -> None:
+        """Everything this worker queued or trained locally reaches the servers; the worker's
+        dense copy is then the servers' (what it evaluates or saves is what was trained)."""
         comm = self.communicator
         if comm.trains_dense_locally and self.flat.size:
             fresh = comm.flush(self.flat.buffer)
-            if fresh is not None:
-                self.flat.load(fresh)
         else:
-            comm.flush()
+            fresh = comm.flush()
+        if fresh is not None and self.flat.size:
+            self.flat.load(fresh)
 
-    def stop_worker(self) -> None:
+    def stop_worker(self, stop_servers: bool = True) -> None:
         """Send everything queued (no gradient is lost), wait for every worker, then worker 0
-        stops the servers."""
+        stops the servers (unless `stop_servers` is False: another phase of the job will use
+        them, and whoever started them stops them)."""
         self._need(True, "stop_worker")
         if self.communicator is None:
             raise FleetError("fleet.stop_worker(): init_worker() was not called")
@@ -217,9 +225,13 @@ class PSRuntime:
             self._flush()
             self.communicator.stop()
             self.barrier("stop-worker")
-            if self.worker_index() == 0 and not self.local:
+            if stop_servers and self.worker_index() == 0 and not self.local:
                 self.client.stop_servers()
         finally:
+            try:
+                self.communicator.stop()  # idempotent; after a failed flush it still ends the threads
+            except Exception:  # the first error is the one the caller sees
+                pass
             bind_sparse_backend(self.model, None)
             if self.exchange is not None:
                 self.exchange.close()
@@ -254,14 +266,21 @@ class PSRuntime:
             raise FleetError(f"save_persistables: mode={mode!r}; choose 0 (all), 1 (delta), 2 (base) "
                              f"or 3 (day tick)")
         self._flush()
+        # one save id for every worker: worker 0 draws it, the others learn it through a reduce
+        draw = np.zeros(2, np.int64)
+        if self.worker_index() == 0:
+            draw[:] = (int(time.time()), int.from_bytes(os.urandom(7), "little"))
+        stamp, nonce = (int(x) for x in self.reduce("save-id", draw))
+        save_id = f"{stamp}-{nonce:014x}"
+        names = [_worker_file(r, save_id) for r in range(self.worker_num())]
+        if mode != 3:  # each worker's own state, kept with (and listed in) this save's manifest
+            os.makedirs(dirname, exist_ok=True)
+            state = {"optimizer": self.optimizer.state_dict() if self.optimizer else {},
+                     "extra": dict(extra or {}), "saved_at": time.time(), "worker": self.worker_index()}
+            save_tree(state, os.path.join(dirname, names[self.worker_index()]))
         self.barrier("save-begin")
         if self.worker_index() == 0:
-            if mode != 3:
-                os.makedirs(dirname, exist_ok=True)
-                state = {"optimizer": self.optimizer.state_dict() if self.optimizer else {},
-                         "extra": dict(extra or {}), "saved_at": time.time()}
-                save_tree(state, os.path.join(dirname, _WORKER_STATE))
-            self.client.save(dirname, mode)
+            self.client.save(dirname, mode, save_id=save_id, worker_files=names if mode != 3 else None)
         self.barrier("save-end")
 
     def load_model(self, dirname: str) -> dict:
@@ -269,18 +288,21 @@ class PSRuntime:
         self._need(True, "load_model")
         self._connected("load_model")
         self._flush()
+        manifest = read_manifest(dirname)  # before touching anything: a bad directory changes nothing
         self.barrier("load-begin")
         if self.worker_index() == 0:
             self.client.load(dirname)
         self.barrier("load-end")
+        self.communicator.reset()
         if self.flat.size:
             self.flat.load(self.client.pull_dense(DENSE_TABLE))
             if self.communicator.trains_dense_locally:
                 self.communicator.set_dense_base(self.flat.buffer)
-        path = os.path.join(dirname, _WORKER_STATE)
-        if not os.path.exists(path):
+        files = manifest.get("worker_files") or []
+        if not files:
             return {}
-        state = load_tree(path)
+        # as many workers as saved: each takes its own; otherwise worker r takes r mod the saved count
+        state = load_tree(os.path.join(dirname, files[self.worker_index() % len(files)]))
         if self.optimizer is not None and state.get("optimizer"):
             self.optimizer.set_state_dict(state["optimizer"])
         return dict(state.get("extra", {}))

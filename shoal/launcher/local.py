@@ -132,7 +132,18 @@ class LocalJob:
         return Child(role, rank, popen, log)
 
     def start(self) -> list[str]:
-        """Start the servers, wait for their endpoints, start the workers; returns the endpoints."""
+        """Start the servers, wait for their endpoints, start the workers; returns the endpoints.
+
+        On any failure (a server that dies or never reports, an interrupt, a
+        spawn error) every process started so far is stopped before it raises.
+        """
+        try:
+            return self._start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self) -> list[str]:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         common = dict(job_token=self.token, strategy_path=self.strategy_path,
                       log_dir=str(self.log_dir), launch_t0=self.launch_t0)
@@ -150,12 +161,10 @@ class LocalJob:
         for child, report in zip(self.servers, reports):
             while not report.exists():
                 if child.popen.poll() is not None:
-                    self.stop()
                     raise LaunchError(f"{child.describe()} exited ({child.exit_text()}) before "
                                       f"reporting its endpoint; last lines of {child.log}:\n"
                                       f"{child.tail()}")
                 if time.monotonic() > deadline:
-                    self.stop()
                     raise LaunchError(f"{child.describe()} did not report its endpoint within "
                                       f"{self.start_timeout:.0f}s; last lines of {child.log}:\n"
                                       f"{child.tail()}")

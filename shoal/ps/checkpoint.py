@@ -76,22 +76,30 @@ def save_shard(directory: str, server: int, save_id: str, tables: dict, mode: in
     return {"file": name, "rows": rows}
 
 
-def write_manifest(directory: str, save_id: str, mode: int, specs: list, files: list[str]) -> None:
-    """Make the save of `save_id` the directory's checkpoint (atomically), then drop older shards."""
-    for f in files:
-        if not os.path.exists(os.path.join(directory, f)):
-            raise CheckpointError(f"cannot commit save {save_id}: shard file {f} is missing in "
-                                  f"{directory}")
+def write_manifest(directory: str, save_id: str, mode: int, specs: list, files: list[str],
+                   worker_files: list[str] = ()) -> None:
+    """Make the save of `save_id` the directory's checkpoint (atomically), then drop the files of
+    older saves. `worker_files` are the workers' own state files of this save (kept, listed)."""
+    for kind, names in (("shard", files), ("worker", worker_files)):
+        for f in names:
+            if not isinstance(f, str) or os.path.basename(f) != f or not f.endswith(".npz"):
+                raise CheckpointError(f"cannot commit save {save_id}: {f!r} is not a file name in "
+                                      f"the checkpoint directory")
+            if not os.path.exists(os.path.join(directory, f)):
+                raise CheckpointError(f"cannot commit save {save_id}: {kind} file {f} is missing "
+                                      f"in {directory}")
     manifest = {"format": FORMAT, "save_id": save_id, "mode": mode, "mode_name": MODES[mode],
-                "n_servers": len(files), "files": files, "tables": [spec_to_dict(s) for s in specs],
+                "n_servers": len(files), "files": files, "worker_files": list(worker_files),
+                "tables": [spec_to_dict(s) for s in specs],
                 "partition_hash": PARTITION_HASH, "partition_version": PARTITION_VERSION,
                 "created": time.time()}
     data = json.dumps(manifest, indent=1).encode()
     _atomic_write(os.path.join(directory, MANIFEST), lambda f: f.write(data))
-    keep = set(files)
-    for old in glob.glob(os.path.join(directory, "shard-*.npz")):
-        if os.path.basename(old) not in keep:
-            os.unlink(old)
+    keep = set(files) | set(worker_files)
+    for pattern in ("shard-*.npz", "worker-*.npz"):
+        for old in glob.glob(os.path.join(directory, pattern)):
+            if os.path.basename(old) not in keep:
+                os.unlink(old)
 
 
 def read_manifest(directory: str) -> dict:

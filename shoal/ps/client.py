@@ -95,20 +95,24 @@ class PSClient:
         return [h for h, _ in self._wait_all(handles)]
 
     def _push(self, server: int, op: str, header: dict, arrays: list) -> PSHandle:
-        """A call that must apply once: numbered, and resent with the same number on timeout."""
+        """A call that must apply once: numbered, and resent with the same number when the
+        connection dropped. Every attempt shares the call's one deadline (the client's
+        timeout), so a hung server fails the push within the timeout, not a multiple of it."""
         header = dict(header, seq=self.rpc.next_seq())
+        deadline = time.monotonic() + self.timeout
         current = [self.rpc.call_async(server, op, header, arrays)]
 
         def finish(timeout=None):
             for attempt in range(self.retries + 1):
                 try:
                     return current[0].wait(timeout)
-                except (PSTimeoutError, ConnectionLostError):
+                except ConnectionLostError:
                     # applied or not, the same seq makes the resend safe
-                    if attempt == self.retries:
+                    left = deadline - time.monotonic() - 0.1 * (attempt + 1)
+                    if attempt == self.retries or left <= 0:
                         raise
                     time.sleep(0.1 * (attempt + 1))
-                    current[0] = self.rpc.call_async(server, op, header, arrays)
+                    current[0] = self.rpc.call_async(server, op, header, arrays, timeout=left)
         return PSHandle(finish)
 
     def _spec(self, table: str, kind: str):
@@ -129,10 +133,15 @@ class PSClient:
         return keys
 
     # -- tables ------------------------------------------------------------------------
-    def create_table(self, spec) -> None:
-        """Create `spec` on every server (an identical spec again is fine; a different one raises)."""
-        self._broadcast("create_table", {"spec": spec_to_dict(spec)})
+    def create_table(self, spec) -> bool:
+        """Create `spec` on every server (an identical spec again is fine; a different one raises).
+
+        Returns True when the table is new on every server, False when it was
+        there already (created by another worker, or loaded from a checkpoint).
+        """
+        replies = self._broadcast("create_table", {"spec": spec_to_dict(spec)})
         self.specs[spec.name] = spec
+        return all(r.get("created", False) for r in replies)
 
     def register_table(self, spec) -> None:
         """Know a table some other worker created (no server call)."""
@@ -259,20 +268,24 @@ class PSClient:
         return np.array(arrays[0])
 
     # -- checkpoints and maintenance -------------------------------------------------------
-    def save(self, directory: str, mode: int = 0, timeout: float = 600.0) -> dict:
+    def save(self, directory: str, mode: int = 0, timeout: float = 600.0, *,
+             save_id: str | None = None, worker_files: list[str] | None = None) -> dict:
         """Save every table (mode 0 all, 1 delta, 2 base; 3 the day tick) into `directory`.
 
         Each server writes its shard; then server 0 writes the manifest, so
-        the save becomes the directory's checkpoint all at once.
+        the save becomes the directory's checkpoint all at once. `worker_files`
+        (already written into `directory`) are recorded in the manifest and
+        kept with this save, so the workers' state belongs to the same save.
         """
         directory = os.path.abspath(directory)
-        save_id = f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
+        save_id = save_id or f"{int(time.time())}-{uuid.uuid4().hex[:8]}"
         header = {"dir": directory, "mode": mode, "save_id": save_id}
         replies = self._broadcast("save", header, timeout=timeout)
         if mode == 3:
             return {"day_tick": True}
         files = [r["file"] for r in replies]
-        self.rpc.call(0, "commit_save", dict(header, files=files), timeout=timeout)
+        self.rpc.call(0, "commit_save", dict(header, files=files, worker_files=list(worker_files or [])),
+                      timeout=timeout)
         return {"dir": directory, "save_id": save_id, "files": files,
                 "rows": [r["rows"] for r in replies]}
 
@@ -289,8 +302,17 @@ class PSClient:
         return self._broadcast("stats", {})
 
     def stop_servers(self) -> None:
-        """Ask every server to drain and exit."""
-        self._broadcast("stop", {})
+        """Ask every server to drain and exit.
+
+        A server that answers and closes at once may drop the connection before
+        its reply is read; a lost connection on `stop` counts as stopped.
+        """
+        handles = [self.rpc.call_async(s, "stop", {}) for s in range(self.n)]
+        for h in handles:
+            try:
+                h.wait()
+            except ConnectionLostError:
+                pass
 
     def close(self) -> None:
         self.rpc.close()

@@ -35,7 +35,7 @@ import numpy as np
 from shoal.kernels import mapped_zeros
 from shoal.ps._keymap import KeyMap, merge_rows
 from shoal.ps.client import PSClient
-from shoal.ps.errors import PSError, PSTimeoutError
+from shoal.ps.errors import PSError, PSTimeoutError, RemoteError
 
 
 class Mode(enum.Enum):
@@ -90,8 +90,10 @@ class Communicator:
     def prefetch(self, table: str, keys: np.ndarray) -> None:
         """Start pulling `keys` (unique) for the next forward of `table`; returns at once."""
         self._raise_pending()
-        self._prefetched.setdefault(table, []).append(
-            (keys, self.client.pull_sparse_async(table, keys, training=True, unique=True)))
+        # one prefetch per table at a time: an unused older one is simply dropped (its reply is
+        # collected by the RPC client; the rows it created belong to a batch that was read)
+        self._prefetched[table] = [(keys, self.client.pull_sparse_async(table, keys, training=True,
+                                                                       unique=True))]
 
     def pull(self, table: str, keys: np.ndarray, *, training: bool) -> np.ndarray:
         self._raise_pending()
@@ -102,7 +104,7 @@ class Communicator:
             for i, (k, handle) in enumerate(waiting):
                 if k.shape == keys.shape and np.array_equal(k, keys):
                     del waiting[i]
-                    rows = handle.wait(self.timeout)
+                    rows = handle.wait()
                     break
         if rows is None:  # the sparse layers pass unique keys
             rows = self.client.pull_sparse(table, keys, training=training, unique=True)
@@ -127,15 +129,34 @@ class Communicator:
         waiting, self._prefetched = self._prefetched, {}
         for entries in waiting.values():
             for _, handle in entries:
-                handle.wait(self.timeout)
+                handle.wait()
+
+    def reset(self) -> None:
+        """Forget what this worker holds of the tables (prefetched rows, local copies, pulled
+        dense values): after load_model, everything is read from the servers again."""
+        self._drop_prefetches()
+
+    def _barrier(self, what: str) -> None:
+        """Every worker meets here (server 0); a timeout names the mode's contract."""
+        try:
+            self.client.barrier(f"{what}-{self.steps}", self.worker_num, self.timeout)
+        except (PSTimeoutError, RemoteError) as e:
+            if isinstance(e, RemoteError) and e.kind != "PSTimeoutError":
+                raise
+            raise CommunicatorError(
+                f"worker {self.worker_index}: {self.mode.value} step {self.steps}: not every worker "
+                f"reached this step within {self.timeout}s. In {self.mode.value} mode every worker "
+                f"must run the same number of steps (give each the same number of batches, e.g. "
+                f"equal file shards and drop_last=True), and all must be alive ({e})") from e
 
     def step(self, dense: np.ndarray | None, lr: float) -> np.ndarray | None:
         """End a training step. `dense` is the flat dense gradient (the flat local values in
         GEO); returns fresh dense values for the worker to load, or None to keep its own."""
         raise NotImplementedError
 
-    def flush(self) -> None:
-        """Send and apply everything this worker has queued. Blocks (bounded by the timeout)."""
+    def flush(self) -> np.ndarray | None:
+        """Send and apply everything this worker has queued; returns the servers' dense values
+        when the worker's copy may be behind them (else None). Blocks (bounded by the timeout)."""
 
     def stop(self) -> None:
         """flush(), then stop the background threads. Idempotent."""
@@ -188,6 +209,11 @@ class SyncCommunicator(Communicator):
     def _send_sparse(self) -> None:
         buffered, self._buffer = self._buffer, {}
         tables = [name for name, spec in self.client.specs.items() if spec.kind == "sparse"]
+        unknown = sorted(set(buffered) - set(tables))
+        if unknown:
+            raise CommunicatorError(f"worker {self.worker_index}: gradients for sparse table(s) "
+                                    f"{unknown} that were never created (known: {tables}); build "
+                                    f"the model before fleet.init_worker(model)")
         for table in tables:
             parts = buffered.get(table, [])
             if not parts and self.worker_num == 1:
@@ -213,17 +239,10 @@ class SyncCommunicator(Communicator):
             g = dense if self.worker_num == 1 else dense * self._scale
             self._pending.append(self.client.push_dense_async(DENSE_TABLE, g, lr, sync=self._sync()))
         pending, self._pending = self._pending, []
-        self.client._wait_all(pending, self.timeout)
+        self.client._wait_all(pending)  # each call's own deadline: a hung server fails within it
         if self.worker_num > 1:
             # every worker's pushes of this step are held or applied; once all are here, all applied
-            try:
-                self.client.barrier(f"sync-step-{self.steps}", self.worker_num, self.timeout)
-            except PSTimeoutError as e:
-                raise CommunicatorError(
-                    f"worker {self.worker_index}: sync step {self.steps}: not every worker reached "
-                    f"this step within {self.timeout}s. In sync mode every worker must run the same "
-                    f"number of steps (give each the same number of batches, e.g. equal file "
-                    f"shards and drop_last=True), and all must be alive ({e})") from e
+            self._barrier("sync-step")
         self.waits.push_wait += time.perf_counter() - t0
         self.steps += 1
         return self.pull_dense() if dense is not None else None
@@ -234,7 +253,8 @@ class SyncCommunicator(Communicator):
                 f"worker {self.worker_index}: sync mode holds gradients of step {self.steps} that "
                 f"optimizer.step() never sent; call it after backward() before stopping")
         pending, self._pending = self._pending, []
-        self.client._wait_all(pending, self.timeout)
+        self.client._wait_all(pending)
+        return None
 
 
 class _Sender:
@@ -303,7 +323,7 @@ class _Sender:
                                                              dtype=np.float32)
             handles.append(client.push_dense_async(DENSE_TABLE, grad, chunk[-1][2]))
             dense_sent = True
-        client._wait_all(handles, self.comm.timeout)
+        client._wait_all(handles)
         if dense_sent:
             self.on_dense_sent()
 
@@ -344,29 +364,39 @@ class AsyncCommunicator(Communicator):
     mode = Mode.ASYNC
     prefetches = True
 
+    receives = True  # a receiver thread refreshes the dense values after each dense send
+
     def __init__(self, client, worker_index=0, worker_num=1, timeout=60.0, *,
                  send_queue_size: int = 16, max_merge_var_num: int = 1, **config):
         super().__init__(client, worker_index, worker_num, timeout, **config)
         self._latest: np.ndarray | None = None
         self._recv_wanted = threading.Event()
         self._recv_lock = threading.Lock()
+        self._recv_generation = 0  # bumped by reset(): a pull that started before is dropped
         self._recv_closing = False
-        self._sender = _Sender(self, send_queue_size, max(1, max_merge_var_num), self._recv_wanted.set)
-        self._receiver = threading.Thread(target=self._recv_loop, name="shoal-comm-recv", daemon=True)
-        self._receiver.start()
+        self._sender = _Sender(self, send_queue_size, max(1, max_merge_var_num),
+                               self._recv_wanted.set if self.receives else (lambda: None))
+        self._receiver = None
+        if self.receives:
+            self._receiver = threading.Thread(target=self._recv_loop, name="shoal-comm-recv",
+                                              daemon=True)
+            self._receiver.start()
 
     def _recv_loop(self) -> None:
         while not self._recv_closing:
             if not self._recv_wanted.wait(0.2):
                 continue
             self._recv_wanted.clear()
+            with self._recv_lock:
+                generation = self._recv_generation
             try:
                 values = self.client.pull_dense(DENSE_TABLE)
             except BaseException as e:
                 self._fail(e)
                 continue
             with self._recv_lock:
-                self._latest = values
+                if generation == self._recv_generation:
+                    self._latest = values
 
     def push(self, table, keys, grads, *, shows, clicks):
         self._raise_pending()
@@ -391,16 +421,26 @@ class AsyncCommunicator(Communicator):
         self._raise_pending()
         with self._recv_lock:
             self._latest = None
+            self._recv_generation += 1
+        return self.pull_dense()  # the worker's copy lags the servers by the last sends
+
+    def reset(self) -> None:
+        super().reset()
+        with self._recv_lock:
+            self._latest = None
+            self._recv_generation += 1
 
     def _close_threads(self):
         self._sender.close()
         self._recv_closing = True
-        self._receiver.join(timeout=30)
+        if self._receiver is not None:
+            self._receiver.join(timeout=30)
 
 
 class HalfAsyncCommunicator(AsyncCommunicator):
     mode = Mode.HALF_ASYNC
     prefetches = False  # workers stay in step: a prefetch would read rows a step old
+    receives = False    # every step ends with a pull of its own
 
     def step(self, dense, lr):
         super().step(dense, lr)
@@ -408,10 +448,8 @@ class HalfAsyncCommunicator(AsyncCommunicator):
         self._sender.drain(self.timeout)
         self._raise_pending()
         if self.worker_num > 1:
-            self.client.barrier(f"half-async-step-{self.steps}", self.worker_num, self.timeout)
+            self._barrier("half-async-step")
         self.waits.push_wait += time.perf_counter() - t0
-        with self._recv_lock:
-            self._latest = None
         return self.pull_dense() if dense is not None else None
 
 
@@ -452,6 +490,7 @@ class GeoCommunicator(Communicator):
         self.sparse_lr = dict(sparse_lr or {})
         self._local: dict[str, _LocalRows] = {}
         self._dense_base: np.ndarray | None = None
+        self._broken: str | None = None  # a sync that failed half-way must not be resent
 
     def _rows(self, table: str) -> _LocalRows:
         local = self._local.get(table)
@@ -502,6 +541,21 @@ class GeoCommunicator(Communicator):
         return self._sync(dense)
 
     def _sync(self, dense: np.ndarray | None) -> np.ndarray | None:
+        if self._broken is not None:
+            raise CommunicatorError(f"worker {self.worker_index}: GEO: {self._broken}")
+        try:
+            return self._sync_once(dense)
+        except BaseException as e:
+            # some deltas may have been applied already; resending them would apply them twice
+            self._broken = (f"a sync failed after {self.steps} steps ({e}); this worker's changes "
+                            f"since the previous sync were not all pushed")
+            raise
+
+    def reset(self) -> None:
+        super().reset()
+        self._local = {}
+
+    def _sync_once(self, dense: np.ndarray | None) -> np.ndarray | None:
         t0 = time.perf_counter()
         scale = np.float32(1.0 / self.worker_num)
         for table, local in self._local.items():

@@ -19,7 +19,7 @@ from shoal.ps import checkpoint as ckpt
 from shoal.ps.dense_table import DenseTable
 from shoal.ps.errors import PSError, PSTimeoutError, TableError
 from shoal.ps.sparse_table import SparseTable
-from shoal.ps.spec import spec_from_dict, spec_to_dict
+from shoal.ps.spec import spec_conflicts, spec_from_dict
 
 # Ops that never wait on other requests and finish in about a memory pass: the RPC
 # server serves them on the receiving thread (no thread switch per request).
@@ -94,6 +94,17 @@ class _StepSum:
         self.lock = threading.Lock()
         self.open: dict[tuple, list] = {}  # (table, step) -> [count, parts]
         self.max_open = max_open
+        self.broken: dict[str, str] = {}   # table -> why a completed step could not be applied
+
+    def apply(self, table: str, step, parts: list, fn) -> None:
+        """Run `fn(parts)` for a completed step; if it fails, every later sync push to `table`
+        is refused (the other workers were told their parts were taken)."""
+        try:
+            fn(parts)
+        except BaseException as e:
+            with self.lock:
+                self.broken[table] = f"step {step} could not be applied ({e})"
+            raise
 
     def add(self, table: str, sync, part) -> list | None:
         """Hold `part`; the list of all parts once this completes the step, else None."""
@@ -105,6 +116,10 @@ class _StepSum:
         step, count = sync
         key = (table, step)
         with self.lock:
+            if table in self.broken:
+                raise PSError(f"sync push to {table!r}: an earlier {self.broken[table]}; the "
+                              f"table no longer matches sync training: restart the job from its "
+                              f"last checkpoint")
             entry = self.open.get(key)
             if entry is None:
                 if len(self.open) >= self.max_open:
@@ -165,9 +180,8 @@ class PSService:
         with self._tables_lock:
             have = self.tables.get(spec.name)
             if have is not None:
-                if have.spec != spec:
-                    diff = {k: (v, spec_to_dict(spec).get(k)) for k, v in spec_to_dict(have.spec).items()
-                            if spec_to_dict(spec).get(k) != v}
+                diff = spec_conflicts(have.spec, spec)
+                if diff:
                     raise TableError(f"create_table: table {spec.name!r} exists with a different "
                                      f"spec (field: (existing, requested)) {diff}; use another name "
                                      f"or the same spec")
@@ -206,8 +220,8 @@ class PSService:
                 table.check_packed(keys, packed)
                 parts = self._steps.add(table.spec.name, header["sync"], (keys, packed))
                 if parts is not None:
-                    table.push_packed(np.concatenate([k for k, _ in parts]),
-                                      np.concatenate([p for _, p in parts]))
+                    self._steps.apply(table.spec.name, header["sync"][0], parts, lambda ps: table.push_packed(
+                        np.concatenate([k for k, _ in ps]), np.concatenate([p for _, p in ps])))
         return {"applied": self._ledger.run_once(header, apply)}, []
 
     def op_pull_dense(self, header, arrays):
@@ -226,7 +240,9 @@ class PSService:
                 table.check(grad, "push_dense")
                 parts = self._steps.add(table.spec.name, header["sync"], grad)
                 if parts is not None:
-                    table.push(np.sum(parts, axis=0, dtype=np.float32), lr)
+                    self._steps.apply(table.spec.name, header["sync"][0], parts,
+                                      lambda ps: table.push(table.check(np.sum(ps, axis=0, dtype=np.float32),
+                                                                        "push_dense"), lr))
         return {"applied": self._ledger.run_once(header, apply)}, []
 
     def op_push_delta(self, header, arrays):
@@ -314,8 +330,11 @@ class PSService:
             raise PSError(f"commit_save: expected {self.n_servers} shard files, got {files!r}")
         with self._tables_lock:
             specs = [t.spec for t in self.tables.values()]
+        worker_files = header.get("worker_files", [])
+        if not isinstance(worker_files, list):
+            raise PSError(f"commit_save: worker_files must be a list of file names, got {worker_files!r}")
         ckpt.write_manifest(directory, _field(header, "save_id", str, "commit_save"),
-                            _field(header, "mode", int, "commit_save"), specs, files)
+                            _field(header, "mode", int, "commit_save"), specs, files, worker_files)
         return {}, []
 
     def op_load(self, header, arrays):
@@ -324,9 +343,13 @@ class PSService:
         specs = [spec_from_dict(d) for d in manifest["tables"]]
         for spec in specs:  # validate every spec against what exists before creating any
             have = self.tables.get(spec.name)
-            if have is not None and have.spec != spec:
-                raise TableError(f"load {directory}: table {spec.name!r} exists here with a spec "
-                                 f"that differs from the checkpoint's")
+            diff = {} if have is None else spec_conflicts(have.spec, spec)
+            if diff:
+                raise TableError(f"load {directory}: table {spec.name!r} exists on server "
+                                 f"{self.index} with a spec that differs from the checkpoint's "
+                                 f"(field: (here, checkpoint)) {diff}; resume with the settings the "
+                                 f"checkpoint was written with (strategy sparse_table, optimizer), "
+                                 f"or load it before creating tables")
         tables = {spec.name: self._create(spec)[0] for spec in specs}
         return {"rows": ckpt.load_into(directory, self.index, self.n_servers, tables)}, []
 

@@ -187,6 +187,20 @@ class DenseTableSpec:
         return start, start + base + (1 if server < extra else 0)
 
 
+# A dense table's learning rate travels with every push (the worker's LR scheduler drives it),
+# so it is no part of what makes two specs the same table.
+_NOT_IDENTITY = {"dense": {"learning_rate"}, "sparse": set()}
+
+
+def spec_conflicts(have, want) -> dict:
+    """{field: (have, want)} for the fields where two specs of one table disagree ({} if none)."""
+    if have.kind != want.kind:
+        return {"kind": (have.kind, want.kind)}
+    a, b = spec_to_dict(have), spec_to_dict(want)
+    skip = _NOT_IDENTITY[have.kind]
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)}
+
+
 def spec_from_dict(data: dict):
     """A SparseTableSpec or DenseTableSpec from {"kind": "sparse"|"dense", ...fields}."""
     if not isinstance(data, dict) or data.get("kind") not in ("sparse", "dense"):

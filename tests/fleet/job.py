@@ -19,6 +19,8 @@ import shoal.fleet as fleet
 import shoal.nn as nn
 import shoal.nn.functional as F
 from shoal.configs import DistributedStrategy
+from shoal.configs.cluster import ClusterEnv
+from shoal.ps.client import PSClient
 from shoal.worker.metrics import Auc, all_reduce_metrics
 from shoal.worker.nn.sparse import EmbeddingBag
 
@@ -87,6 +89,10 @@ def main() -> None:
     ap.add_argument("--k-steps", type=int, default=5)
     ap.add_argument("--rpc-timeout", type=float, default=30.0)
     ap.add_argument("--eval", type=int, default=0, help="held-out samples per worker for AUC")
+    ap.add_argument("--save", help="save_persistables here after training")
+    ap.add_argument("--server-load", help="servers: init_server(this checkpoint)")
+    ap.add_argument("--read-after-stop", action="store_true",
+                    help="no explicit flush: read the tables after stop_worker(stop_servers=False)")
     ap.add_argument("--sleep", type=float, default=0.0, help="seconds to sleep per step")
     args = ap.parse_args()
 
@@ -105,7 +111,7 @@ def main() -> None:
         shoal.optimizer.Adam(0.01, parameters=model.parameters())
     opt = fleet.distributed_optimizer(opt)
     if fleet.is_server():
-        fleet.init_server()
+        fleet.init_server(args.server_load)
         fleet.run_server()
         return
     fleet.init_worker(model)
@@ -133,8 +139,15 @@ def main() -> None:
         losses.append(float(loss.numpy()))
         if args.sleep:
             time.sleep(args.sleep)
+    if args.read_after_stop:  # stop_worker's own flush is what gets every gradient to the servers
+        rows, dense_now = read_after_stop(client, keys, w, n_workers)
+        np.savez(args.out, keys=keys, rows=rows, dense=dense_now, rows0=rows0, dense0=dense0,
+                 **recorded(rec, opt, dense_pushed))
+        return
     fleet.flush()
     fleet.barrier_worker()
+    if args.save:
+        fleet.save_persistables(args.save)
     auc = np.nan
     if args.eval:
         model.eval()
@@ -152,12 +165,31 @@ def main() -> None:
         fleet.barrier_worker()
     rows = client.pull_sparse("emb", keys, training=False)
     dense_now = client.pull_dense("dense")
-    pushed_keys = np.array(sorted(rec.sums), np.uint64)
-    pushed = np.array([rec.sums[k] for k in pushed_keys.tolist()]).reshape(-1, DIM)
     fleet.stop_worker()
     np.savez(args.out, keys=keys, rows=rows, dense=dense_now, losses=np.array(losses),
-             rows0=rows0, dense0=dense0, auc=auc,
-             pushed_keys=pushed_keys, pushed=pushed, dense_pushed=dense_pushed)
+             rows0=rows0, dense0=dense0, auc=auc, **recorded(rec, opt, dense_pushed))
+
+
+def recorded(rec, opt, dense_pushed) -> dict:
+    pushed_keys = np.array(sorted(rec.sums), np.uint64)
+    pushed = np.array([rec.sums[k] for k in pushed_keys.tolist()]).reshape(-1, DIM)
+    return {"pushed_keys": pushed_keys, "pushed": pushed, "dense_pushed": dense_pushed}
+
+
+def read_after_stop(old_client, keys, w: int, n_workers: int):
+    """stop_worker without stopping the servers, then read the tables through a new client (all
+    workers have flushed once stop_worker returns); worker 0 stops the servers at the end."""
+    fleet.stop_worker(stop_servers=False)
+    env = ClusterEnv.detect()
+    with PSClient(list(env.pservers), env.job_token, timeout=30) as client:
+        for spec in old_client.specs.values():
+            client.register_table(spec)
+        client.barrier("all-stopped", n_workers)
+        tables = client.pull_sparse("emb", keys, training=False), client.pull_dense("dense")
+        client.barrier("all-read", n_workers)
+        if w == 0:
+            client.stop_servers()
+    return tables
 
 
 if __name__ == "__main__":

@@ -94,8 +94,9 @@ def run_job(script, n_servers: int, n_workers: int, workdir, args_of, server_arg
             deadline = time.monotonic() + timeout
             for p in workers:
                 p.wait(timeout=max(1.0, deadline - time.monotonic()))
-            for p in sprocs:  # stop_worker of worker 0 stops the servers
-                p.wait(timeout=30)
+            if all(p.returncode == 0 for p in workers):
+                for p in sprocs:  # stop_worker of worker 0 stops the servers
+                    p.wait(timeout=30)
         finally:
             _stop(workers)
         return [p.returncode for p in workers]

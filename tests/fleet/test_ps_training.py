@@ -56,12 +56,15 @@ def test_sync_with_two_workers_reproduces_local_training_on_the_double_batch(tmp
     np.testing.assert_allclose((w0["losses"] + w1["losses"]) / 2, local["losses"], rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["async", "half_async", "geo"])
-def test_no_gradient_is_lost(tmp_path, mode):
+@pytest.mark.parametrize("mode,flush", [("async", "flush"), ("half_async", "flush"),
+                                        ("geo", "flush"), ("async", "stop"), ("geo", "stop")])
+def test_no_gradient_is_lost(tmp_path, mode, flush):
     """SGD at lr 1 on the servers: the tables change by exactly minus every gradient computed
-    (GEO: the deltas are averaged over the workers, as Paddle's GEO-SGD)."""
+    (GEO: the deltas are averaged over the workers, as Paddle's GEO-SGD). "flush" reads the
+    tables after fleet.flush(); "stop" after stop_worker alone (its own flush)."""
+    extra = ["--read-after-stop"] if flush == "stop" else []
     workers = ps_run(tmp_path, 2, 2, "--mode", mode, "--steps", "12", "--batch", "8", "--sgd1",
-                     "--k-steps", "5")
+                     "--k-steps", "5", *extra)
     keys = workers[0]["keys"]
     pushed = np.zeros(workers[0]["rows"].shape)
     for w in workers:
@@ -84,9 +87,12 @@ def test_two_by_two_reaches_the_auc_of_one_process(tmp_path, mode):
     assert abs(float(workers[0]["auc"]) - float(local["auc"])) < 0.03
 
 
-def test_a_server_killed_mid_run_fails_every_worker_with_its_name(tmp_path):
-    args = ["--mode", "async", "--steps", "1000000", "--batch", "8", "--rpc-timeout", "5",
-            "--sleep", "0.002"]
+@pytest.mark.parametrize("mode,sig", [("async", signal.SIGKILL), ("sync", signal.SIGSTOP),
+                                      ("geo", signal.SIGSTOP)])
+def test_a_server_that_dies_or_hangs_fails_every_worker_with_its_name(tmp_path, mode, sig):
+    """A killed server is noticed at once; a hung one (SIGSTOP) within the RPC timeout."""
+    args = ["--mode", mode, "--steps", "1000000", "--batch", "8", "--rpc-timeout", "5",
+            "--sleep", "0.002", "--k-steps", "3"]
     with procs.servers(JOB, 2, 2, tmp_path, ["--out", "-", *args]) as (endpoints, sprocs):
         workers = procs.start_workers(JOB, endpoints, 2, tmp_path,
                                       lambda w: ["--out", str(tmp_path / f"w{w}.npz"), *args])
@@ -97,17 +103,44 @@ def test_a_server_killed_mid_run_fails_every_worker_with_its_name(tmp_path):
                 assert all(p.poll() is None for p in workers), procs.log_of(tmp_path, "worker", 0)
                 time.sleep(0.05)
             time.sleep(0.5)
-            sprocs[1].send_signal(signal.SIGKILL)
+            sprocs[1].send_signal(sig)
             killed = time.monotonic()
             for p in workers:
-                p.wait(timeout=30)
-            assert time.monotonic() - killed < 5 + 10  # the RPC timeout, with a wide margin
+                p.wait(timeout=60)
+            # within the RPC timeout (5 s) plus the barrier's grace, with a wide margin; never
+            # a multiple of the timeout
+            assert time.monotonic() - killed < 5 + 5 + 8
         finally:
+            sprocs[1].send_signal(signal.SIGKILL)  # a stopped process ignores SIGTERM
             procs._stop(workers)
     for w, p in enumerate(workers):
         assert p.returncode != 0
         log = procs.log_of(tmp_path, "worker", w)
         assert endpoints[1] in log, log[-3000:]
+
+
+def test_sync_with_uneven_step_counts_fails_naming_the_rule(tmp_path):
+    work = tmp_path / "job"
+    work.mkdir()
+    base = ["--mode", "sync", "--batch", "8", "--rpc-timeout", "4"]
+    codes = procs.run_job(JOB, 1, 2, work,
+                          lambda w: ["--out", str(work / f"w{w}.npz"), *base, "--steps", ("6", "3")[w]],
+                          server_args=["--out", "-", *base], timeout=90)
+    assert codes[0] != 0
+    assert "must run the same number of steps" in procs.log_of(work, "worker", 0)
+
+
+def test_servers_started_from_a_checkpoint_keep_its_dense_and_sparse_state(tmp_path):
+    args = ["--mode", "sync", "--steps", "6", "--batch", "8"]
+    (first,) = ps_run(tmp_path, 1, 1, *args, "--save", str(tmp_path / "ckpt"))
+    work = tmp_path / "second"
+    work.mkdir()
+    codes = procs.run_job(JOB, 2, 1, work, lambda w: ["--out", str(work / "w0.npz"), *args],
+                          server_args=["--out", "-", *args, "--server-load", str(tmp_path / "ckpt")])
+    assert codes == [0], procs.log_of(work, "worker", 0)
+    second = dict(np.load(work / "w0.npz"))
+    np.testing.assert_array_equal(second["dense0"], first["dense"])  # not worker 0's fresh init
+    np.testing.assert_array_equal(second["rows0"], first["rows"])
 
 
 def test_a_partial_contract_raises_naming_the_missing_variables(tmp_path):

@@ -17,19 +17,21 @@ def _slot_names(layer: EmbeddingBag, batch) -> list[str] | None:
     return None if None in names else names
 
 
-def prefetched(batches: Iterable, model=None) -> Iterator:
+def prefetched(batches: Iterable, model=None, communicator=None) -> Iterator:
     """Yield `batches` unchanged; in async mode, while one batch trains, pull the next one's rows.
 
     After the first batch it learns which slots of a batch (`batch.sparse[name]`)
     each EmbeddingBag of `model` reads, then, before yielding batch k, starts
     the pull of batch k+1's unique keys; the layer's forward on batch k+1
     finds the rows waiting. Other modes (and batches without `.sparse`) pass
-    through. `model` defaults to the one given to init_worker.
+    through. `model` and `communicator` default to those of init_worker.
     """
-    from shoal import fleet
-    rt = fleet._rt("prefetched")
-    comm = rt.communicator
-    model = model if model is not None else rt.model
+    comm = communicator
+    if comm is None or model is None:
+        from shoal import fleet
+        rt = fleet._rt("prefetched")
+        comm = comm if comm is not None else rt.communicator
+        model = model if model is not None else rt.model
     if comm is None or not getattr(comm, "prefetches", False) or model is None:
         yield from batches
         return
@@ -51,5 +53,5 @@ def prefetched(batches: Iterable, model=None) -> Iterator:
                         plan[layer] = names
             current = upcoming
     finally:  # the consumer stopped early (break, --steps): nothing stays in flight
-        if comm is rt.communicator:
+        if not comm._stopped:
             comm._drop_prefetches()

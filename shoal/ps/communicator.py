@@ -50,6 +50,7 @@ class CommunicatorError(PSError):
 
 
 DENSE_TABLE = "dense"  # the table that holds the model's dense parameters, flattened
+_PREFETCH_DEPTH = 2    # prefetched pulls kept per table (this batch's and the next one's)
 
 
 class Waits:
@@ -82,6 +83,7 @@ class Communicator:
         self.timeout = timeout
         self.steps = 0
         self.waits = Waits()
+        self.prefetch_hits = 0  # training pulls answered by a prefetch (the rest went to the servers)
         self._prefetched: dict[str, list] = {}  # table -> [(unique keys, pull handle)]
         self._error: BaseException | None = None
         self._stopped = False
@@ -90,10 +92,12 @@ class Communicator:
     def prefetch(self, table: str, keys: np.ndarray) -> None:
         """Start pulling `keys` (unique) for the next forward of `table`; returns at once."""
         self._raise_pending()
-        # one prefetch per table at a time: an unused older one is simply dropped (its reply is
-        # collected by the RPC client; the rows it created belong to a batch that was read)
-        self._prefetched[table] = [(keys, self.client.pull_sparse_async(table, keys, training=True,
-                                                                       unique=True))]
+        # a loader runs one batch ahead: the rows of the batch about to train and of the next one
+        # may wait here; an older one nobody used is dropped (its reply is collected by the RPC
+        # client; the rows it created belong to a batch that was read)
+        waiting = self._prefetched.setdefault(table, [])
+        waiting.append((keys, self.client.pull_sparse_async(table, keys, training=True, unique=True)))
+        del waiting[:-_PREFETCH_DEPTH]
 
     def pull(self, table: str, keys: np.ndarray, *, training: bool) -> np.ndarray:
         self._raise_pending()
@@ -105,6 +109,7 @@ class Communicator:
                 if k.shape == keys.shape and np.array_equal(k, keys):
                     del waiting[i]
                     rows = handle.wait()
+                    self.prefetch_hits += 1
                     break
         if rows is None:  # the sparse layers pass unique keys
             rows = self.client.pull_sparse(table, keys, training=training, unique=True)

@@ -32,7 +32,7 @@ import threading
 import time
 import numpy as np
 
-from shoal.kernels import mapped_zeros
+from shoal.kernels import mapped_zeros, release_free_memory
 from shoal.ps._keymap import KeyMap, merge_rows
 from shoal.ps.client import PSClient
 from shoal.ps.errors import PSError, PSTimeoutError, RemoteError
@@ -579,6 +579,7 @@ class GeoCommunicator(Communicator):
             self.client.push_dense_delta(DENSE_TABLE, (dense - self._dense_base) * scale)
             fresh_dense = self.client.pull_dense(DENSE_TABLE)
             self._dense_base = fresh_dense.copy()
+        release_free_memory()  # a sync's deltas and fresh rows are a burst every k steps
         self.waits.push_wait += time.perf_counter() - t0
         return fresh_dense
 

@@ -16,6 +16,8 @@
 #include <string>
 #include <vector>
 
+#include <pybind11/stl.h>
+
 namespace py = pybind11;
 
 namespace {
@@ -122,6 +124,142 @@ PYBIND11_MODULE(_fused, m) {
         },
         py::arg("param"), py::arg("grad"), py::arg("moment"), py::arg("lr"), py::arg("eps"),
         "acc += g * g; param -= lr * g / (sqrt(acc) + eps).");
+
+    m.def(
+        "ctr_push",
+        [](py::array values, const py::array& rows_a, const py::array& grads_a, const py::array& shows_a,
+           const py::array& clicks_a, int rule, int dim, std::vector<int> state_cols,
+           std::vector<int> stat_cols, double lr_d, double g0_d, double lo_d, double hi_d,
+           double nonclk_d, double clk_d, bool scale_by_show, double b1_d, double b2_d, double eps_d) {
+            // One pass per row of a sparse table's arena (CtrCommonAccessor + sparse_sgd_rule): the
+            // statistics, the gradient divided by the show, the rule's step with weight bounds.
+            if (values.ndim() != 2 || !values.dtype().equal(py::dtype::of<float>()) ||
+                !(values.flags() & py::array::c_style) || !values.writeable())
+                throw py::type_error("ctr_push: values must be a writeable C-contiguous float32 [rows, width] array");
+            const py::ssize_t cap = values.shape(0), width = values.shape(1);
+            if (!rows_a.dtype().equal(py::dtype::of<int64_t>()) || rows_a.ndim() != 1 ||
+                !(rows_a.flags() & py::array::c_style))
+                throw py::type_error("ctr_push: rows must be a 1-D C-contiguous int64 array");
+            const py::ssize_t n = rows_a.shape(0);
+            const float* g = cdata_of(grads_a, "grads", n * dim);
+            const float* sh = cdata_of(shows_a, "shows", n);
+            const float* ck = cdata_of(clicks_a, "clicks", n);
+            const int64_t* rows = static_cast<const int64_t*>(rows_a.data());
+            const size_t want_states = rule == 0 ? 0 : rule == 1 ? 1 : rule == 2 ? 1 : 4;
+            if (rule < 0 || rule > 3 || state_cols.size() != want_states || stat_cols.size() != 4 ||
+                dim < 1 || dim > width)
+                throw py::value_error("ctr_push: bad rule, dim or column layout");
+            for (int c : state_cols) if (c < 0 || c >= width) throw py::value_error("ctr_push: state column out of range");
+            for (int c : stat_cols) if (c < 0 || c >= width) throw py::value_error("ctr_push: stat column out of range");
+            for (py::ssize_t i = 0; i < n; ++i)
+                if (rows[i] < 0 || rows[i] >= cap) throw py::index_error("ctr_push: row " + std::to_string(rows[i]) + " out of range");
+            float* v = static_cast<float*>(values.mutable_data());
+            const float lr = static_cast<float>(lr_d), g0 = static_cast<float>(g0_d);
+            const float lo = static_cast<float>(lo_d), hi = static_cast<float>(hi_d);
+            const float nonclk = static_cast<float>(nonclk_d), clk = static_cast<float>(clk_d);
+            const float b1 = static_cast<float>(b1_d), b2 = static_cast<float>(b2_d), eps = static_cast<float>(eps_d);
+            const int show = stat_cols[0], click = stat_cols[1], delta = stat_cols[2], unseen = stat_cols[3];
+            py::gil_scoped_release nogil;
+            std::vector<float> gs(static_cast<size_t>(dim));
+            for (py::ssize_t i = 0; i < n; ++i) {
+                float* r = v + rows[i] * width;
+                const float s = sh[i], c = ck[i];
+                r[show] += s;
+                r[click] += c;
+                r[delta] += (s - c) * nonclk + c * clk;
+                r[unseen] = 0.0f;
+                const float d = scale_by_show ? std::max(s, 1.0f) : 1.0f;
+                for (int j = 0; j < dim; ++j) gs[j] = g[i * dim + j] / d;
+                float* w = r;
+                if (rule == 0) {  // naive
+                    for (int j = 0; j < dim; ++j) w[j] = std::min(std::max(w[j] - lr * gs[j], lo), hi);
+                } else if (rule == 1) {  // adagrad: one g2sum per row
+                    float& g2 = r[state_cols[0]];
+                    const float step = lr * std::sqrt(g0 / (g0 + g2));
+                    float sq = 0.0f;
+                    for (int j = 0; j < dim; ++j) {
+                        w[j] = std::min(std::max(w[j] - step * gs[j], lo), hi);
+                        sq += gs[j] * gs[j];
+                    }
+                    g2 += sq / static_cast<float>(dim);
+                } else if (rule == 2) {  // std_adagrad: g2sum per element
+                    float* g2 = r + state_cols[0];
+                    for (int j = 0; j < dim; ++j) {
+                        w[j] = std::min(std::max(w[j] - lr * gs[j] * std::sqrt(g0 / (g0 + g2[j])), lo), hi);
+                        g2[j] += gs[j] * gs[j];
+                    }
+                } else {  // adam: moments per element, beta powers per row
+                    float* m = r + state_cols[0];
+                    float* vv = r + state_cols[1];
+                    float& p1 = r[state_cols[2]];
+                    float& p2 = r[state_cols[3]];
+                    const float corr2 = std::sqrt(1.0f - p2);
+                    const float step = lr * corr2 / (1.0f - p1);
+                    for (int j = 0; j < dim; ++j) {
+                        m[j] = b1 * m[j] + (1.0f - b1) * gs[j];
+                        vv[j] = b2 * vv[j] + (1.0f - b2) * gs[j] * gs[j];
+                        w[j] = std::min(std::max(w[j] - step * m[j] / (std::sqrt(vv[j]) + eps * corr2), lo), hi);
+                    }
+                    p1 *= b1;
+                    p2 *= b2;
+                }
+            }
+        },
+        py::arg("values"), py::arg("rows"), py::arg("grads"), py::arg("shows"), py::arg("clicks"),
+        py::arg("rule"), py::arg("dim"), py::arg("state_cols"), py::arg("stat_cols"), py::arg("lr"),
+        py::arg("g0"), py::arg("lo"), py::arg("hi"), py::arg("nonclk"), py::arg("clk"),
+        py::arg("scale_by_show"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
+        "Apply merged CTR pushes to arena rows in place (rule 0 naive, 1 adagrad, 2 std_adagrad, 3 adam).");
+
+    m.def(
+        "ctr_pull",
+        [](py::array values, const py::array& rows_a, py::array out, const py::object& pos_obj, int dim,
+           int unseen_col) {
+            // out[pos[i]] = values[rows[i], :dim] (zeros where rows[i] < 0); with unseen_col >= 0
+            // the row's unseen-days counter is reset (a training pull saw the key).
+            if (values.ndim() != 2 || !values.dtype().equal(py::dtype::of<float>()) ||
+                !(values.flags() & py::array::c_style) || !values.writeable())
+                throw py::type_error("ctr_pull: values must be a writeable C-contiguous float32 [rows, width] array");
+            const py::ssize_t cap = values.shape(0), width = values.shape(1);
+            if (!rows_a.dtype().equal(py::dtype::of<int64_t>()) || rows_a.ndim() != 1 ||
+                !(rows_a.flags() & py::array::c_style))
+                throw py::type_error("ctr_pull: rows must be a 1-D C-contiguous int64 array");
+            if (out.ndim() != 2 || out.shape(1) != dim || dim < 1 || dim > width || unseen_col >= width)
+                throw py::value_error("ctr_pull: out must be [n, dim] with dim <= the row width");
+            const py::ssize_t n = rows_a.shape(0), n_out = out.shape(0);
+            float* o = data_of(out, "out", n_out * dim);
+            const int64_t* rows = static_cast<const int64_t*>(rows_a.data());
+            const int64_t* pos = nullptr;
+            py::array pos_a;
+            if (!pos_obj.is_none()) {
+                pos_a = py::reinterpret_borrow<py::array>(pos_obj);
+                if (!pos_a.dtype().equal(py::dtype::of<int64_t>()) || pos_a.ndim() != 1 ||
+                    pos_a.shape(0) != n || !(pos_a.flags() & py::array::c_style))
+                    throw py::type_error("ctr_pull: pos must be a 1-D C-contiguous int64 array of len(rows)");
+                pos = static_cast<const int64_t*>(pos_a.data());
+            } else if (n_out != n) {
+                throw py::value_error("ctr_pull: without pos, out needs one row per row id");
+            }
+            for (py::ssize_t i = 0; i < n; ++i) {
+                if (rows[i] >= cap) throw py::index_error("ctr_pull: row id out of range");
+                if (pos && (pos[i] < 0 || pos[i] >= n_out)) throw py::index_error("ctr_pull: position out of range");
+            }
+            float* v = static_cast<float*>(values.mutable_data());
+            py::gil_scoped_release nogil;
+            for (py::ssize_t i = 0; i < n; ++i) {
+                float* dst = o + (pos ? pos[i] : i) * dim;
+                if (rows[i] < 0) {
+                    std::fill(dst, dst + dim, 0.0f);
+                    continue;
+                }
+                float* r = v + rows[i] * width;
+                std::copy(r, r + dim, dst);
+                if (unseen_col >= 0) r[unseen_col] = 0.0f;
+            }
+        },
+        py::arg("values"), py::arg("rows"), py::arg("out"), py::arg("pos"), py::arg("dim"),
+        py::arg("unseen_col"),
+        "Gather rows' embeddings into out (at pos), zeros for absent rows; reset unseen days if asked.");
 
     m.def(
         "unique_inverse",

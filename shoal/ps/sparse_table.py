@@ -12,7 +12,7 @@ import threading
 
 import numpy as np
 
-from shoal.kernels import get_backend, mapped_zeros
+from shoal.kernels import ctr_pull, ctr_push, get_backend, mapped_zeros
 from shoal.ps._keymap import KeyMap, merge_rows, unique_inverse
 from shoal.ps.accessor import Pending, make_entry, make_rule
 from shoal.ps.errors import TableError
@@ -20,6 +20,11 @@ from shoal.ps.partition import shard_of, uniform_rows
 from shoal.ps.spec import SparseTableSpec
 
 _STATS = ("show", "click", "delta_score", "unseen_days")
+
+
+# rule -> (kernel id, state columns in the kernel's order) of kernels._fused.ctr_push
+_NATIVE_RULES = {"naive": (0, ()), "adagrad": (1, ("g2sum",)), "std_adagrad": (2, ("g2sum",)),
+                 "adam": (3, ("m", "v", "beta1_pow", "beta2_pow"))}
 
 
 class SparseShard:
@@ -52,10 +57,24 @@ class SparseShard:
             width += 1
         self.width = width
         self.show, self.click, self.delta, self.unseen = (self.cols[f"stat.{s}"][0] for s in _STATS)
+        self._native = self._native_args()
         self.cap = 0
         self.values = np.zeros((0, width), np.float32)
         self.has_embedx = np.zeros(0, bool)
         self.row_keys = np.zeros(0, np.uint64)  # the key of each row (for lazy embedx init)
+
+    def _native_args(self) -> tuple | None:
+        """The fused push kernel's settings for this layout (None: the numpy path, for the split
+        embed_w/embedx layout, whose two parts learn separately)."""
+        spec = self.spec
+        if self.split or spec.rule not in _NATIVE_RULES:
+            return None
+        states = [self.cols[f"state.embed.{n}"][0] for n in _NATIVE_RULES[spec.rule][1]]
+        stats = [self.cols[f"stat.{st}"][0] for st in _STATS]
+        lo, hi = spec.weight_bounds
+        return (_NATIVE_RULES[spec.rule][0], spec.dim, states, stats, spec.learning_rate,
+                spec.initial_g2sum, lo, hi, spec.nonclk_coeff, spec.click_coeff, spec.scale_by_show,
+                spec.beta1, spec.beta2, spec.epsilon)
 
     def _view(self, block: np.ndarray, name: str) -> np.ndarray:
         start, k = self.cols[name]
@@ -107,8 +126,9 @@ class SparseShard:
         self.has_embedx[rows] = True
 
     # -- requests ------------------------------------------------------------------
-    def pull(self, keys: np.ndarray, training: bool) -> np.ndarray:
-        """Rows for unique `keys`; with `training`, absent keys the entry admits get rows."""
+    def pull_into(self, keys: np.ndarray, training: bool, out: np.ndarray, pos) -> None:
+        """Rows for unique `keys` into out[pos]; with `training`, absent keys the entry admits get
+        rows (and every row seen has its unseen days reset). Keys without a row read as zeros."""
         rows = self.map.lookup(keys)
         if training:
             absent = np.flatnonzero(rows < 0)
@@ -122,17 +142,12 @@ class SparseShard:
                     if self.pending is not None:
                         self.pending.forget(akeys[created])
                 rows[absent] = new_rows
-        present = np.flatnonzero(rows >= 0)
-        if len(present) == len(rows):
-            if training:
-                self.values[rows, self.unseen] = 0.0
-            return self.values[rows, :self.spec.dim]
-        out = np.zeros((len(keys), self.spec.dim), np.float32)
-        if len(present):
-            r = rows[present]
-            if training:
-                self.values[r, self.unseen] = 0.0
-            out[present] = self.values[r, :self.spec.dim]
+        ctr_pull(self.values, rows, out, pos, self.spec.dim, self.unseen if training else -1)
+
+    def pull(self, keys: np.ndarray, training: bool) -> np.ndarray:
+        """Rows [len(keys), dim] for unique `keys` (see pull_into)."""
+        out = np.empty((len(keys), self.spec.dim), np.float32)
+        self.pull_into(keys, training, out, None)
         return out
 
     def push(self, keys: np.ndarray, grads: np.ndarray, shows: np.ndarray, clicks: np.ndarray) -> None:
@@ -149,6 +164,11 @@ class SparseShard:
             if not has.any():
                 return
             rows, grads, shows, clicks = rows[has], grads[has], shows[has], clicks[has]
+        if self._native is not None:
+            ctr_push(self.values, np.ascontiguousarray(rows), np.ascontiguousarray(grads, np.float32),
+                            np.ascontiguousarray(shows, np.float32), np.ascontiguousarray(clicks, np.float32),
+                            *self._native)
+            return
         block = self.values[rows]
         block[:, self.show] += shows
         block[:, self.click] += clicks
@@ -318,7 +338,10 @@ class SparseTable:
         out = np.empty((len(uniq), self.spec.dim), np.float32)
         for shard, pos in self._groups(uniq):
             with shard.lock:
-                out[pos] = shard.pull(uniq[pos], training)
+                if isinstance(pos, slice):
+                    shard.pull_into(uniq, training, out, None)
+                else:
+                    shard.pull_into(uniq[pos], training, out, pos)
         return out if inverse is None else out[inverse]
 
     def push(self, keys: np.ndarray, grads: np.ndarray, shows: np.ndarray | None = None,

@@ -298,6 +298,18 @@ class PSClient:
         header = {"day_tick": day_tick} if table is None else {"table": table, "day_tick": day_tick}
         return sum(sum(r["deleted"].values()) for r in self._broadcast("shrink", header))
 
+    def unresponsive(self, timeout: float = 2.0) -> list[str]:
+        """The endpoints of servers that do not answer a `stats` call within `timeout` seconds
+        (a diagnosis after a timeout: which server is down or hung). Blocks up to `timeout`."""
+        handles = [self.rpc.call_async(s, "stats", {}, timeout=timeout) for s in range(self.n)]
+        down = []
+        for s, h in enumerate(handles):
+            try:
+                h.wait()
+            except PSError:
+                down.append(self.rpc.endpoints[s])
+        return down
+
     def stats(self) -> list[dict]:
         return self._broadcast("stats", {})
 

@@ -148,11 +148,15 @@ class Communicator:
         except (PSTimeoutError, RemoteError) as e:
             if isinstance(e, RemoteError) and e.kind != "PSTimeoutError":
                 raise
+            down = self.client.unresponsive(timeout=min(2.0, self.timeout))
+            cause = (f"server(s) {', '.join(down)} do not answer (down or hung), so other workers "
+                     f"are stuck on them" if down else
+                     f"every server answers: a worker is missing or slow. In {self.mode.value} mode "
+                     f"every worker must run the same number of steps (give each the same number "
+                     f"of batches, e.g. equal file shards and drop_last=True)")
             raise CommunicatorError(
                 f"worker {self.worker_index}: {self.mode.value} step {self.steps}: not every worker "
-                f"reached this step within {self.timeout}s. In {self.mode.value} mode every worker "
-                f"must run the same number of steps (give each the same number of batches, e.g. "
-                f"equal file shards and drop_last=True), and all must be alive ({e})") from e
+                f"reached this step within {self.timeout}s: {cause} ({e})") from e
 
     def step(self, dense: np.ndarray | None, lr: float) -> np.ndarray | None:
         """End a training step. `dense` is the flat dense gradient (the flat local values in

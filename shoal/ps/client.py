@@ -207,11 +207,16 @@ class PSClient:
         """Apply gradients with their shows and clicks (duplicate keys merged first)."""
         self.push_sparse_async(table, keys, grads, shows, clicks).wait()
 
-    def push_sparse_delta(self, table: str, keys: np.ndarray, deltas: np.ndarray) -> None:
-        """GEO: add deltas to existing rows (duplicate keys merged first)."""
+    def push_sparse_delta(self, table: str, keys: np.ndarray, deltas: np.ndarray,
+                          shows: np.ndarray | None = None, clicks: np.ndarray | None = None) -> None:
+        """GEO: add deltas to existing rows (duplicate keys merged first), with the shows and
+        clicks seen since the last sync when given (admission, shrink and saves use them)."""
         spec = self._spec(table, "sparse")
-        uniq, merged = merge_rows(self._keys(keys), np.ascontiguousarray(deltas, np.float32)
-                                  .reshape(len(keys), spec.dim))
+        deltas = np.ascontiguousarray(deltas, np.float32).reshape(len(keys), spec.dim)
+        if shows is not None:
+            deltas = np.concatenate([deltas, np.asarray(shows, np.float32).reshape(-1, 1),
+                                     np.asarray(clicks, np.float32).reshape(-1, 1)], axis=1)
+        uniq, merged = merge_rows(self._keys(keys), deltas)
         owner = partition(uniq, self.n)
         self._wait_all([self._push(s, "push_delta", {"table": table}, [uniq[pos], merged[pos]])
                         for s, pos in _groups(owner, self.n)])

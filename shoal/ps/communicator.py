@@ -473,11 +473,12 @@ class _LocalRows:
         self.base = mapped_zeros((1024, dim), np.float32)
         self.touched = mapped_zeros((1024,), bool)
         self.row_keys = mapped_zeros((1024,), np.uint64)
+        self.stats = mapped_zeros((1024, 2), np.float32)  # shows, clicks since the last sync
 
     def ensure(self, n: int) -> None:
         if n > len(self.values):
             cap = max(n, 2 * len(self.values))
-            for name in ("values", "base", "touched", "row_keys"):
+            for name in ("values", "base", "touched", "row_keys", "stats"):
                 old = getattr(self, name)
                 new = mapped_zeros((cap,) + old.shape[1:], old.dtype)
                 new[:len(old)] = old
@@ -530,14 +531,18 @@ class GeoCommunicator(Communicator):
     def push(self, table, keys, grads, *, shows, clicks):
         self._raise_pending()
         local = self._rows(table)
-        uniq, merged = merge_rows(keys, np.ascontiguousarray(grads, np.float32))
+        dim = local.dim
+        packed = np.concatenate([np.asarray(grads, np.float32), shows[:, None], clicks[:, None]],
+                                axis=1).astype(np.float32, copy=False)
+        uniq, merged = merge_rows(keys, packed)
         rows = local.map.lookup(uniq)
         if (rows < 0).any():
             raise CommunicatorError(f"GEO push to {table!r}: {int((rows < 0).sum())} keys were "
                                     f"never pulled on this worker")
         lr = np.float32(self.sparse_lr.get(table, self.client.specs[table].learning_rate))
-        local.values[rows] -= lr * merged
+        local.values[rows] -= lr * merged[:, :dim]
         local.touched[rows] = True
+        local.stats[rows] += merged[:, dim:]  # rows are unique (merged by key): one add per row
 
     def step(self, dense, lr):
         self._raise_pending()
@@ -573,7 +578,8 @@ class GeoCommunicator(Communicator):
                 continue
             keys = local.row_keys[rows]
             delta = (local.values[rows] - local.base[rows]) * scale
-            self.client.push_sparse_delta(table, keys, delta)
+            self.client.push_sparse_delta(table, keys, delta, local.stats[rows, 0], local.stats[rows, 1])
+            local.stats[rows] = 0.0
             fresh = self.client.pull_sparse(table, keys, training=True)
             local.values[rows] = fresh
             local.base[rows] = fresh

@@ -192,8 +192,10 @@ class SparseShard:
             if len(grow):
                 self._create_embedx(grow)
 
-    def add_delta(self, keys: np.ndarray, deltas: np.ndarray) -> None:
-        """GEO: add trained-minus-pulled deltas to the rows that exist (others have none to add to)."""
+    def add_delta(self, keys: np.ndarray, deltas: np.ndarray, shows: np.ndarray | None = None,
+                  clicks: np.ndarray | None = None) -> None:
+        """GEO: add trained-minus-pulled deltas to the rows that exist (others have none to add to),
+        with the shows and clicks the worker saw since its last sync."""
         rows = self.map.lookup(keys)
         has = rows >= 0
         if has.any():
@@ -204,6 +206,11 @@ class SparseShard:
             self.rule._bound(w)
             self.values[r, :self.spec.dim] = w
             self.values[r, self.unseen] = 0.0
+            if shows is not None:
+                s, c = shows[has], clicks[has]
+                self.values[r, self.show] += s
+                self.values[r, self.click] += c
+                self.values[r, self.delta] += self.spec.score(s, c)
 
     def shrink(self) -> int:
         """Decay show/click and delete rows past the delete thresholds; returns rows deleted."""
@@ -381,13 +388,20 @@ class SparseTable:
                 shard.push(uniq[pos], g[pos], s[pos], c[pos])
 
     def add_delta(self, keys: np.ndarray, deltas: np.ndarray) -> None:
-        """GEO: add deltas [n, dim] to the rows of `keys` that exist (duplicates are summed)."""
+        """GEO: add deltas [n, dim] (or [n, dim + 2]: deltas, shows, clicks) to the rows of `keys`
+        that exist (duplicates are summed)."""
         keys = self._check_keys(keys, "push_delta")
-        self._check_rows(deltas, len(keys), "push_delta", "deltas")
+        dim = self.spec.dim
+        width = deltas.shape[1] if isinstance(deltas, np.ndarray) and deltas.ndim == 2 else dim
+        self._check_rows(deltas, len(keys), "push_delta", "deltas [, show, click]",
+                         (len(keys), width if width in (dim, dim + 2) else dim))
         uniq, merged = merge_rows(keys, deltas)
+        stats = width == dim + 2
         for shard, pos in self._groups(uniq):
             with shard.lock:
-                shard.add_delta(uniq[pos], merged[pos])
+                m = merged[pos]
+                shard.add_delta(uniq[pos], m[:, :dim], m[:, dim] if stats else None,
+                                m[:, dim + 1] if stats else None)
 
     def shrink(self) -> int:
         deleted = 0

@@ -173,3 +173,22 @@ def test_global_shuffle_moves_every_sample_to_exactly_one_worker(tmp_path):
     want = sorted((int(t[17]), int(t[-1]), int(t[1]))
                   for t in (line.split() for line in lines))
     assert seen == want
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "geo"])
+def test_shows_and_clicks_of_every_occurrence_reach_the_servers(tmp_path, mode):
+    """One show per key occurrence, one click per occurrence in a positive sample, in every mode
+    (GEO sends them with its deltas): what admission, shrink and save modes decide by."""
+    from tests.fleet.job import data
+    steps, batch = 10, 8
+    ckpt = tmp_path / "ckpt"
+    ps_run(tmp_path, 2, 2, "--mode", mode, "--steps", str(steps), "--batch", str(batch),
+           "--k-steps", "4", "--save", str(ckpt))
+    show = click = 0.0
+    for f in ckpt.glob("shard-*.npz"):
+        with np.load(f) as z:
+            show += z["sparse/emb/stat.show"].sum()
+            click += z["sparse/emb/stat.click"].sum()
+    _, _, lengths, _, labels = data(1, steps * 2 * batch)
+    assert show == pytest.approx(lengths.sum())
+    assert click == pytest.approx((lengths.sum(axis=1) * labels).sum())

@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import os
+
+import numpy as np
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
 
@@ -33,16 +36,13 @@ def _libc():
         return None
 
 
-def mapped_zeros(shape: tuple, dtype) -> "np.ndarray":
+def mapped_zeros(shape: tuple, dtype) -> np.ndarray:
     """Zeros in an anonymous mapping of their own (large arrays; small ones come from numpy).
 
     Pages become resident only when written, and when the array is dropped the
     mapping goes back to the kernel at once: for arrays that grow by copying
     (table arenas), which the tuned heap would otherwise keep resident.
     """
-    import mmap
-
-    import numpy as np
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes < (1 << 20):
         return np.zeros(shape, dtype)

@@ -14,12 +14,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import tempfile
 import time
 import zipfile
 
 import numpy as np
 
+from shoal._atomic import atomic_write
 from shoal.ps.errors import CheckpointError
 from shoal.ps.partition import PARTITION_HASH, PARTITION_VERSION, partition
 from shoal.ps.spec import spec_to_dict
@@ -27,26 +27,6 @@ from shoal.ps.spec import spec_to_dict
 MANIFEST = "MANIFEST.json"
 FORMAT = "shoal-ps-checkpoint-v1"
 MODES = {0: "all", 1: "delta", 2: "base"}
-
-
-def _atomic_write(path: str, write) -> None:
-    directory = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def shard_file(server: int, save_id: str) -> str:
@@ -72,7 +52,7 @@ def save_shard(directory: str, server: int, save_id: str, tables: dict, mode: in
         for field, arr in data.items():
             arrays[f"{table.spec.kind}/{name}/{field}"] = arr
     name = shard_file(server, save_id)
-    _atomic_write(os.path.join(directory, name), lambda f: np.savez(f, **arrays))
+    atomic_write(os.path.join(directory, name), lambda f: np.savez(f, **arrays))
     return {"file": name, "rows": rows}
 
 
@@ -94,7 +74,7 @@ def write_manifest(directory: str, save_id: str, mode: int, specs: list, files: 
                 "partition_hash": PARTITION_HASH, "partition_version": PARTITION_VERSION,
                 "created": time.time()}
     data = json.dumps(manifest, indent=1).encode()
-    _atomic_write(os.path.join(directory, MANIFEST), lambda f: f.write(data))
+    atomic_write(os.path.join(directory, MANIFEST), lambda f: f.write(data))
     keep = set(files) | set(worker_files)
     for pattern in ("shard-*.npz", "worker-*.npz"):
         for old in glob.glob(os.path.join(directory, pattern)):

@@ -19,7 +19,7 @@ import uuid
 
 import numpy as np
 
-from shoal.ps.errors import ConnectionLostError, PSError, PSTimeoutError, TableError
+from shoal.ps.errors import ConnectionLostError, PSError, TableError
 from shoal.ps._keymap import merge_rows, unique_inverse
 from shoal.ps.partition import partition
 from shoal.ps.rpc import RpcClient

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 
+from shoal._atomic import atomic_write
 from shoal.kernels import tune_for_server
 from shoal.ps.errors import PSError
 from shoal.ps.rpc import RpcServer
@@ -29,12 +30,7 @@ def report_endpoint(endpoint: str, report_file: str | None = None, report_fd: in
     """Tell the launcher where this server listens: a file written atomically, or a pipe fd."""
     line = endpoint + "\n"
     if report_file:
-        tmp = f"{report_file}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, report_file)
+        atomic_write(report_file, lambda f: f.write(line.encode()))
     if report_fd is not None:
         os.write(report_fd, line.encode())
         os.close(report_fd)

@@ -358,7 +358,7 @@ class SparseTable:
         Everything is validated before any row changes.
         """
         keys = self._check_keys(keys, "push_sparse")
-        n, dim = len(keys), self.spec.dim
+        n = len(keys)
         shows = np.ones(n, np.float32) if shows is None else shows
         clicks = np.zeros(n, np.float32) if clicks is None else clicks
         self._check_rows(grads, n, "push_sparse", "grads", finite=False)

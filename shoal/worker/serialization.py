@@ -10,11 +10,11 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from shoal._atomic import atomic_write
 from shoal.kernels import backend_of
 from shoal.worker.errors import SerializationError
 from shoal.worker.sparse import SparseGrad
@@ -72,17 +72,7 @@ def save(obj, path: str | os.PathLike) -> None:
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise SerializationError(f"save: directory {directory!r} does not exist; create it first")
-    fd, tmp = tempfile.mkstemp(prefix=".shoal-save-", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **members)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **members))
 
 
 def _decode(node, arrays, return_numpy: bool):

@@ -146,7 +146,7 @@ class Tensor:
 
     def __repr__(self) -> str:
         body = np.array2string(self.numpy(), separator=", ", prefix="       ")
-        grad = f", requires_grad=True" if self.requires_grad else ""
+        grad = ", requires_grad=True" if self.requires_grad else ""
         name = f", name={self.name}" if self.name else ""
         return f"Tensor(shape={list(self.shape)}, dtype={self.dtype}{grad}{name},\n       {body})"
 

@@ -1,7 +1,4 @@
 """Async mode's prefetch: while one batch trains, the next batch's rows are already on their way."""
-import numpy as np
-
-import shoal
 from shoal.fleet import prefetched
 from shoal.ps.client import PSClient
 from shoal.ps.communicator import AsyncCommunicator, SyncCommunicator

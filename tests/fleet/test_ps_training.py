@@ -1,7 +1,6 @@
 """PS training end to end: real server processes and workers on 127.0.0.1, against local mode."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

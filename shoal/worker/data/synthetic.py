@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shoal._atomic import atomic_write
 from shoal.worker.data._hash import counter_uniform, key
 from shoal.worker.data.batch import Batch, Ragged
 from shoal.worker.data.errors import DataError
@@ -291,10 +292,6 @@ def _generate(root: Path, params: dict) -> dict:
             sizes[rel] = (root / rel).stat().st_size
             first += count
     manifest = {"params": params, "files": sizes}
-    tmp = root / f"MANIFEST.json.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / "MANIFEST.json")
+    text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    atomic_write(root / "MANIFEST.json", lambda f: f.write(text))
     return manifest

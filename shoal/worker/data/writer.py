@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 import numpy as np
 
+from shoal._atomic import atomic_write
 from shoal.worker.data import _multislot
 from shoal.worker.data.batch import Batch
 from shoal.worker.data.errors import DataError
@@ -62,19 +63,12 @@ def write_multislot(blocks: Batch | Iterable[Batch], path: str | os.PathLike, de
     Example:
         >>> write_multislot(synthetic_ctr(1000, seed=0), "part-00000.txt")
     """
-    path = os.fspath(path)
-    tmp = f"{path}.tmp.{os.getpid()}"
     n = 0
-    try:
-        with open(tmp, "wb") as f:
-            for b in [blocks] if isinstance(blocks, Batch) else blocks:
-                f.write(format_multislot(b, decimals, n_threads))
-                n += b.size
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+
+    def write(f):
+        nonlocal n
+        for b in [blocks] if isinstance(blocks, Batch) else blocks:
+            f.write(format_multislot(b, decimals, n_threads))
+            n += b.size
+    atomic_write(path, write)
     return n

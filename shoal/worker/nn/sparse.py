@@ -15,7 +15,7 @@ occurrence of a positive sample.
 from __future__ import annotations
 
 import copy
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 
@@ -124,6 +124,15 @@ class _SparseLayer(Layer):
     def extra_repr(self) -> str:
         return f"table={self.table!r}, dim={self.dim}"
 
+    def _pusher(self, backend, uniq, inverse, occurrence_labels):
+        """The push of this forward's gradient rows, with one show per occurrence and a click per
+        occurrence in a positive sample."""
+        shows = np.bincount(inverse, minlength=len(uniq)).astype(np.float32)
+        clicks = (np.zeros(len(uniq), np.float32) if occurrence_labels is None else
+                  np.bincount(inverse, weights=occurrence_labels, minlength=len(uniq)).astype(np.float32))
+        table = self.table
+        return lambda grad_rows: backend.push(table, uniq, grad_rows, shows=shows, clicks=clicks)
+
     def _lookup(self, keys: np.ndarray, bag: np.ndarray, n_bags: int, scale, direct: bool,
                 occurrence_labels) -> Tensor:
         backend = self.sparse_backend
@@ -139,16 +148,7 @@ class _SparseLayer(Layer):
                              f"{list(rows.shape)} for {len(uniq)} keys of dim {self.dim}")
         block = Tensor(rows, requires_grad=training)
         inverse = inverse.reshape(-1)
-        on_grad = None
-        if training:
-            shows = np.bincount(inverse, minlength=len(uniq)).astype(np.float32)
-            clicks = (np.zeros(len(uniq), np.float32) if occurrence_labels is None else
-                      np.bincount(inverse, weights=occurrence_labels, minlength=len(uniq))
-                      .astype(np.float32))
-            table = self.table
-
-            def on_grad(grad_rows):
-                backend.push(table, uniq, grad_rows, shows=shows, clicks=clicks)
+        on_grad = self._pusher(backend, uniq, inverse, occurrence_labels) if training else None
         return _Pool.apply(block, inverse=inverse, bag=bag, scale=scale, n_bags=n_bags,
                            direct=direct, on_grad=on_grad)
 

@@ -37,7 +37,7 @@ import shoal.nn.functional as F
 from shoal.configs import DistributedStrategy
 from shoal.worker.data import InMemoryDataset, SlotList
 from shoal.worker.data.synthetic import ensure_synthetic_ctr
-from shoal.worker.metrics import Auc, Mean, all_reduce_metrics
+from shoal.worker.metrics import Accuracy, Auc, LogLoss, Mean, all_reduce_metrics
 from shoal.worker.nn.sparse import EmbeddingBag
 from shoal.worker.progress import StepTimer, TrainingProgress
 
@@ -182,18 +182,21 @@ def train(args, model, opt, progress, timer, start_step: int) -> tuple[int, floa
     return step, elapsed, figures
 
 
-def evaluate(args, model) -> float:
+def evaluate(args, model) -> dict[str, float]:
+    """Test AUC, accuracy and logloss over every worker's share (one reduce for all three)."""
     _, test_files = data_files(args)
     ds = load(test_files, args, shuffle=False)
     model.eval()
-    auc = Auc()
+    metrics = {"test_auc": Auc(), "test_accuracy": Accuracy(), "test_logloss": LogLoss()}
     with shoal.no_grad():
         for batch in ds.batches():
             probs = F.softmax(model(batch), axis=1).numpy()[:, 1]
-            auc.update(probs, batch.dense["label"].reshape(-1))
+            labels = batch.dense["label"].reshape(-1)
+            for m in metrics.values():
+                m.update(probs, labels)
     model.train()
     ds.release_memory()
-    return all_reduce_metrics({"auc": auc}, fleet.reduce_sum, name="test-auc")["auc"]
+    return all_reduce_metrics(metrics, fleet.reduce_sum, name="test-metrics")
 
 
 def main(argv=None) -> int:
@@ -227,7 +230,7 @@ def main(argv=None) -> int:
             fleet.save_persistables(args.save, extra={"step": step})
         else:
             fleet.flush()  # evaluate the model the servers hold, with every gradient applied
-        figures["test_auc"] = evaluate(args, model)
+        figures.update(evaluate(args, model))
         figures.update(step=step, mode=fleet.communicator().mode.value,
                        workers=fleet.worker_num(), servers=fleet.server_num(),
                        peak_rss_mb=peak_rss_mb(), breakdown=timer.summary())
@@ -241,6 +244,7 @@ def main(argv=None) -> int:
         print(f"trained {figures['examples']} examples in {elapsed:.1f}s "
               f"({figures['train_examples_per_s']:.0f} examples/s on worker 0), "
               f"train AUC {figures['train_auc']:.4f}")
+        print(f"test accuracy {figures['test_accuracy']:.4f}, logloss {figures['test_logloss']:.4f}")
         print(f"final test AUC: {figures['test_auc']:.4f}", flush=True)
     return 0
 

@@ -31,6 +31,7 @@ def test_the_main_job_trains_and_reports_the_test_auc(tmp_path):
     assert m, stdout
     assert float(m.group(1)) == pytest.approx(figures["test_auc"], abs=1e-4)
     assert figures["test_auc"] > 0.55 and figures["step"] == 24  # 6000 / 256 batches
+    assert 0.6 < figures["test_accuracy"] < 1 and 0 < figures["test_logloss"] < 0.7
     assert {"pull_wait_ms", "push_wait_ms", "compute_ms"} <= set(figures["breakdown"])
     log = [json.loads(line) for line in (tmp_path / "log" / "metrics.jsonl").read_text().splitlines()]
     assert log[-1]["test_auc"] == pytest.approx(figures["test_auc"])
@@ -52,7 +53,8 @@ def test_the_main_job_runs_as_two_servers_and_two_workers(tmp_path):
         job.wait(timeout=300)
     assert "final test AUC: 0." in (tmp_path / "log" / "workerlog.0").read_text()
     workers = [json.loads((tmp_path / f"worker-{w}.json").read_text()) for w in range(2)]
-    assert workers[0]["test_auc"] == workers[1]["test_auc"]  # one global figure
+    for name in ("test_auc", "test_accuracy", "test_logloss"):  # one global figure each
+        assert workers[0][name] == workers[1][name]
     assert sum(w["examples"] for w in workers) == 6000
     assert all((tmp_path / f"server-{s}.json").exists() for s in range(2))
 

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from shoal.configs.cluster import ServerEnv, WorkerEnv
+from shoal.configs.cluster import CONTRACT_VARIABLES, ServerEnv, WorkerEnv
 from shoal.launcher.errors import LaunchError
 
 _PR_SET_PDEATHSIG = 1
@@ -95,7 +95,7 @@ class LocalJob:
     def __init__(self, script, script_args=(), *, n_servers: int, n_workers: int, log_dir,
                  token: str | None = None, strategy_path: str | None = None,
                  host: str = "127.0.0.1", env: dict | None = None, start_timeout: float = 60.0,
-                 grace: float = 5.0, python: str = sys.executable):
+                 grace: float = 5.0, python: str = sys.executable, ports: list[int] | None = None):
         if n_servers < 1 or n_workers < 1:
             raise LaunchError(f"a PS job needs at least one server and one worker, got "
                               f"--server_num {n_servers} --worker_num {n_workers}")
@@ -106,6 +106,9 @@ class LocalJob:
         self.strategy_path, self.host = strategy_path, host
         self.extra_env = dict(env or {})
         self.start_timeout, self.grace, self.python = start_timeout, grace, python
+        if ports is not None and len(ports) != n_servers:
+            raise LaunchError(f"{len(ports)} server ports for {n_servers} servers")
+        self.ports = list(ports) if ports is not None else [0] * n_servers  # 0: a free port
         self.servers: list[Child] = []
         self.workers: list[Child] = []
         self.endpoints: list[str] = []
@@ -113,8 +116,9 @@ class LocalJob:
 
     # -- starting ------------------------------------------------------------------
     def _base_env(self) -> dict:
+        # the parent's contract and fleetrun flags stay behind; other settings (SHOAL_PROGRESS, ...) pass
         env = {k: v for k, v in os.environ.items()
-               if not k.startswith(("PADDLE_", "SHOAL_")) and k not in ("TRAINING_ROLE", "POD_IP")}
+               if k not in CONTRACT_VARIABLES and not k.startswith(("PADDLE_", "SHOAL_FLEETRUN_"))}
         threads = str(max(1, (os.cpu_count() or 1) // (self.n_servers + self.n_workers)))
         for var in _THREAD_VARS:
             env[var] = os.environ.get(var, threads)
@@ -153,9 +157,9 @@ class LocalJob:
             report.unlink(missing_ok=True)
             reports.append(report)
             contract = ServerEnv(trainers_num=self.n_workers, server_index=i,
-                                 servers=(f"{self.host}:0",) * self.n_servers,
-                                 current_endpoint=f"{self.host}:0", report_path=str(report),
-                                 **common).to_environ()
+                                 servers=tuple(f"{self.host}:{p}" for p in self.ports),
+                                 current_endpoint=f"{self.host}:{self.ports[i]}",
+                                 report_path=str(report), **common).to_environ()
             self.servers.append(self._spawn("server", i, contract))
         deadline = time.monotonic() + self.start_timeout
         for child, report in zip(self.servers, reports):

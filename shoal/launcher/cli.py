@@ -1,0 +1,241 @@
+"""fleetrun: start a Shoal job's servers and workers (`fleetrun [options] script.py [args]`).
+
+    fleetrun --server_num 2 --worker_num 2 examples/ctr_dnn.py --strategy ps_async
+
+Every flag is also read from SHOAL_FLEETRUN_<FLAG> (e.g. SHOAL_FLEETRUN_SERVER_NUM=2); the
+command line wins. Flags never come from the contract variables fleetrun sets for its children
+(TRAINING_ROLE, PADDLE_*), so a fleetrun started inside a job is not confused by its parent.
+
+Exit codes: 0 when every worker exited 0; 1 when a process failed (fleetrun says which, how,
+and prints the last lines of its log); 2 for bad arguments (one line saying what to fix);
+130/143 when interrupted (SIGINT/SIGTERM), after stopping every process.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from shoal.launcher.errors import LaunchError
+from shoal.launcher.local import LocalJob
+
+_ENV_PREFIX = "SHOAL_FLEETRUN_"
+# (flag, type, default, help); both spellings (--server_num, --server-num) are accepted
+_FLAGS = [
+    ("server_num", int, None, "PS mode: number of servers on this machine"),
+    ("worker_num", int, None, "PS mode: number of workers on this machine"),
+    ("servers", str, None, "PS mode: server endpoints 'ip:port,...' (fixes their ports)"),
+    ("workers", str, None, "PS mode: worker ips 'ip,...' (one worker each)"),
+    ("nproc_per_node", int, None, "collective mode: processes per node"),
+    ("devices", str, None, "collective mode: device ids, e.g. '0,1'"),
+    ("gpus", str, None, "collective mode: the same as --devices"),
+    ("ips", str, None, "collective mode: node ips 'ip,...'"),
+    ("master", str, None, "collective mode: rendezvous endpoint ip:port"),
+    ("log_dir", str, "log", "directory of workerlog.N, serverlog.N, endpoints.log"),
+    ("strategy", str, None, "a strategy YAML file or a preset name (ps_sync, ps_async, ...)"),
+    ("start_port", int, None, "servers bind start_port, start_port+1, ... (default: free ports)"),
+    ("max_restarts", int, 0, "restart a failed worker up to N times"),
+    ("job_id", str, "default", "a name for the job (log lines, Ray)"),
+    ("backend", str, "local", "where processes run: local or ray"),
+    ("ray_address", str, None, "Ray backend: the cluster address (default RAY_ADDRESS)"),
+    ("server_cpus", float, 1.0, "Ray backend: CPUs per server actor"),
+    ("worker_cpus", float, 1.0, "Ray backend: CPUs per worker actor"),
+    ("worker_gpus", float, 0.0, "Ray backend: GPUs per worker actor"),
+]
+_PS_FLAGS = ("server_num", "worker_num", "servers", "workers")
+_COLLECTIVE_FLAGS = ("nproc_per_node", "devices", "gpus", "ips", "master")
+
+
+class UsageError(Exception):
+    """A bad command line: fleetrun prints the message on one line and exits 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints usage and exits 2; fleetrun wants one line
+        raise UsageError(message)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fleetrun", description=__doc__.split("\n\n")[0],
+                epilog="Every flag can also be set as SHOAL_FLEETRUN_<FLAG> in the environment "
+                       "(e.g. SHOAL_FLEETRUN_WORKER_NUM=4); the command line wins.",
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, kind, default, text in _FLAGS:
+        env = _ENV_PREFIX + name.upper()
+        p.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=kind,
+                       default=None, help=f"{text} [env {env}]" +
+                       (f" (default {default})" if default not in (None, "") else ""))
+    p.add_argument("script", help="the training script (every process runs it)")
+    p.add_argument("script_args", nargs=argparse.REMAINDER, help="arguments for the script")
+    return p
+
+
+def parse(argv: list[str], environ=os.environ) -> argparse.Namespace:
+    """The options, from the command line, then SHOAL_FLEETRUN_* variables, then defaults."""
+    args = _parser().parse_args(argv)
+    for name, kind, default, _ in _FLAGS:
+        if getattr(args, name) is not None:
+            continue
+        env = _ENV_PREFIX + name.upper()
+        if env in environ:
+            try:
+                setattr(args, name, kind(environ[env]))
+            except ValueError:
+                raise UsageError(f"{env}={environ[env]!r} is not a valid {kind.__name__} for "
+                                 f"--{name}") from None
+        else:
+            setattr(args, name, default)
+    return _check(args)
+
+
+def _check(args) -> argparse.Namespace:
+    ps = [f for f in _PS_FLAGS if getattr(args, f) is not None]
+    coll = [f for f in _COLLECTIVE_FLAGS if getattr(args, f) is not None]
+    if ps and coll:
+        raise UsageError(f"--{ps[0]} (parameter-server mode) and --{coll[0]} (collective mode) "
+                         f"cannot be used together; give the flags of one mode")
+    if not ps:
+        raise UsageError("collective mode (no --server_num/--worker_num/--servers/--workers) is "
+                         "not available in this build yet; start a PS job with --server_num N "
+                         "--worker_num M")
+    if args.backend != "local":
+        raise UsageError(f"--backend {args.backend!r}: only the local backend is available in this "
+                         f"build (the Ray backend is not yet)")
+    if args.max_restarts:
+        raise UsageError("--max_restarts: restarting failed workers is not available in this "
+                         "build yet; leave it 0")
+    if args.servers is not None:
+        endpoints = [e.strip() for e in args.servers.split(",") if e.strip()]
+        if args.server_num is not None and args.server_num != len(endpoints):
+            raise UsageError(f"--server_num {args.server_num} disagrees with the "
+                             f"{len(endpoints)} endpoints of --servers")
+        args.server_num = len(endpoints)
+        args.server_endpoints = endpoints
+    else:
+        args.server_endpoints = None
+    if args.workers is not None:
+        ips = [w.strip() for w in args.workers.split(",") if w.strip()]
+        if args.worker_num is not None and args.worker_num != len(ips):
+            raise UsageError(f"--worker_num {args.worker_num} disagrees with the {len(ips)} ips "
+                             f"of --workers")
+        args.worker_num = len(ips)
+    for flag in ("server_num", "worker_num"):
+        value = getattr(args, flag)
+        if value is None or value < 1:
+            raise UsageError(f"--{flag} {value}: a PS job needs at least one "
+                             f"{flag.split('_')[0]}; give --{flag} N with N >= 1")
+    if args.start_port is not None and not 1 <= args.start_port <= 65535 - args.server_num:
+        raise UsageError(f"--start_port {args.start_port} must lie in [1, {65535 - args.server_num}]")
+    if not Path(args.script).is_file():
+        raise UsageError(f"script {args.script!r} does not exist")
+    return args
+
+
+def _strategy_path(name: str | None) -> str | None:
+    """A YAML path as given; a preset name becomes the path of the preset's file."""
+    if name is None or Path(name).is_file():
+        return None if name is None else os.path.abspath(name)
+    from shoal.configs import DistributedStrategy, presets
+    if name not in presets():
+        raise UsageError(f"--strategy {name!r} is neither a file nor a preset; presets are "
+                         f"{', '.join(presets())}")
+    DistributedStrategy.load(name)  # a broken preset fails here, in one line
+    import shoal.configs
+    return str(Path(shoal.configs.__file__).with_name("presets") / f"{name}.yaml")
+
+
+class _Tail(threading.Thread):
+    """Streams a growing log file to our stdout with a prefix (rank 0's output)."""
+
+    def __init__(self, path: Path, prefix: str):
+        super().__init__(name="fleetrun-tail", daemon=True)
+        self.path, self.prefix, self.done = path, prefix, threading.Event()
+
+    def run(self) -> None:
+        pos, rest = 0, b""
+        while True:
+            finishing = self.done.is_set()
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(pos)
+                    chunk = f.read()
+                    pos += len(chunk)
+            except FileNotFoundError:
+                chunk = b""
+            lines = (rest + chunk).split(b"\n")
+            rest = lines.pop()
+            for line in lines:
+                sys.stdout.write(f"{self.prefix}{line.decode(errors='replace')}\n")
+            sys.stdout.flush()
+            if finishing:
+                if rest:
+                    sys.stdout.write(f"{self.prefix}{rest.decode(errors='replace')}\n")
+                return
+            self.done.wait(0.1)
+
+
+def run(args) -> int:
+    ports = None
+    if args.server_endpoints is not None:
+        ports = [int(e.rsplit(":", 1)[1]) for e in args.server_endpoints]
+    elif args.start_port is not None:
+        ports = [args.start_port + i for i in range(args.server_num)]
+    job = LocalJob(args.script, args.script_args, n_servers=args.server_num,
+                   n_workers=args.worker_num, log_dir=args.log_dir,
+                   token=os.environ.get("SHOAL_JOB_TOKEN"), strategy_path=_strategy_path(args.strategy),
+                   ports=ports)
+    stopping = {"signal": None}
+
+    def on_signal(sig, _frame):
+        stopping["signal"] = sig
+        raise KeyboardInterrupt
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    tail = _Tail(Path(args.log_dir) / "workerlog.0", "[worker 0] ")
+    try:
+        job.start()
+        tail.start()
+        job.wait()
+        return 0
+    except KeyboardInterrupt:
+        job.stop()
+        sig = stopping["signal"] or signal.SIGINT
+        print(f"fleetrun: stopped by {signal.Signals(sig).name}; every process of the job is "
+              f"stopped", file=sys.stderr)
+        return 128 + int(sig)
+    except LaunchError as e:
+        busy = ports is not None and any("Address already in use" in c.tail(50) for c in job.servers)
+        if busy:
+            print(f"fleetrun: the server ports {ports[0]}..{ports[-1]} are not all free (a server "
+                  f"could not bind); choose other ports, or leave --start_port unset so servers "
+                  f"bind free ports themselves", file=sys.stderr)
+            return 2
+        print(f"fleetrun: {e}", file=sys.stderr)
+        return 1
+    finally:
+        job.stop()
+        tail.done.set()
+        if tail.is_alive():
+            tail.join(timeout=5)
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse(argv)
+    except UsageError as e:
+        print(f"fleetrun: {e} (fleetrun --help lists the flags)", file=sys.stderr)
+        return 2
+    try:
+        return run(args)
+    except UsageError as e:
+        print(f"fleetrun: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

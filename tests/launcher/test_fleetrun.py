@@ -1,0 +1,217 @@
+"""fleetrun, local backend, PS mode: the contract each role gets, failures, signals, bad args."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROLES = Path(__file__).with_name("roles.py")
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PADDLE_", "SHOAL_"))
+           and k != "TRAINING_ROLE"}
+    env.update(PYTHONPATH=str(REPO), **extra)
+    return env
+
+
+def _fleetrun(args, env=None, **kw):
+    return subprocess.Popen([sys.executable, "-m", "shoal.launcher", *map(str, args)],
+                            env=env or _env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
+
+
+def _orphans(token: str) -> list[int]:
+    """Processes that still carry this job's token in their environment."""
+    left = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"SHOAL_JOB_TOKEN={token}".encode() in f.read():
+                    left.append(int(pid))
+        except OSError:
+            pass
+    return left
+
+
+def _run(tmp_path, action="ok", who="-", n_servers=2, n_workers=2, extra=(), timeout=60):
+    token = f"fleetrun-test-{os.getpid()}-{time.monotonic_ns()}"
+    out = tmp_path / "out"
+    out.mkdir(exist_ok=True)
+    p = _fleetrun(["--server_num", n_servers, "--worker_num", n_workers, "--log_dir",
+                   tmp_path / "log", *extra, ROLES, out, action, who], env=_env(SHOAL_JOB_TOKEN=token))
+    try:
+        stdout, stderr = p.communicate(timeout=timeout)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    return p.returncode, stdout, stderr, out, token
+
+
+def test_every_role_gets_the_contract_and_the_job_exits_0(tmp_path):
+    rc, stdout, stderr, out, token = _run(tmp_path)
+    assert rc == 0, stderr
+    assert "[worker 0] worker 0 up" in stdout  # rank 0 streamed with a prefix
+    envs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert sorted(envs) == ["server0", "server1", "worker0", "worker1"]
+    servers = envs["worker0"]["PADDLE_PSERVERS_IP_PORT_LIST"].split(",")
+    assert len(servers) == 2 and all(s.startswith("127.0.0.1:") and not s.endswith(":0") for s in servers)
+    for name, env in envs.items():
+        assert env["SHOAL_JOB_TOKEN"] == token and env["PADDLE_TRAINERS_NUM"] == "2"
+        assert float(env["SHOAL_LAUNCH_T0"]) <= time.time()
+        assert env["OMP_NUM_THREADS"] == str(max(1, (os.cpu_count() or 1) // 4))
+        assert env["TRAINING_ROLE"] == ("PSERVER" if name.startswith("server") else "TRAINER")
+    assert [envs[f"worker{w}"]["PADDLE_TRAINER_ID"] for w in range(2)] == ["0", "1"]
+    assert envs["worker1"]["PADDLE_PSERVERS_IP_PORT_LIST"] == envs["worker0"]["PADDLE_PSERVERS_IP_PORT_LIST"]
+    log = tmp_path / "log"
+    assert {p.name for p in log.iterdir()} >= {"serverlog.0", "serverlog.1", "workerlog.0",
+                                               "workerlog.1", "endpoints.log"}
+    assert "worker 1 up" in (log / "workerlog.1").read_text()
+    assert not _orphans(token)
+
+
+@pytest.mark.parametrize("action,who,shows", [
+    ("raise", "worker1", "worker 1 (pid"), ("sigkill", "worker0", "killed by signal SIGKILL")])
+def test_a_failing_worker_stops_the_job_within_10s_naming_it(tmp_path, action, who, shows):
+    t0 = time.monotonic()
+    rc, _, stderr, _, token = _run(tmp_path, action, who)
+    assert rc == 1, stderr
+    assert shows in stderr
+    assert time.monotonic() - t0 < 10 + 20  # start-up on a loaded machine, plus the 10 s rule
+    if action == "raise":
+        assert "fails on purpose" in stderr  # the log's last lines come with the message
+    assert not _orphans(token)
+
+
+def test_a_killed_server_stops_the_job(tmp_path):
+    token = f"fleetrun-test-{os.getpid()}-srv"
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _fleetrun(["--server_num", 2, "--worker_num", 1, "--log_dir", tmp_path / "log", ROLES, out,
+                   "hang", "-"], env=_env(SHOAL_JOB_TOKEN=token))
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "worker0.json").exists():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)
+        server = json.loads((out / "server1.json").read_text())
+        pids = [pid for pid in _orphans(token) if _role_of(pid) == ("PSERVER", "1")]
+        assert pids, server
+        os.kill(pids[0], signal.SIGKILL)
+        killed = time.monotonic()
+        _, stderr = p.communicate(timeout=30)
+        assert time.monotonic() - killed < 10
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "server 1 (pid" in stderr and "SIGKILL" in stderr
+    assert not _orphans(token)
+
+
+def _role_of(pid: int):
+    try:
+        env = dict(kv.split("=", 1) for kv in open(f"/proc/{pid}/environ").read().split("\0") if "=" in kv)
+    except OSError:
+        return None
+    return env.get("TRAINING_ROLE"), env.get("SHOAL_SERVER_INDEX")
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_to_fleetrun_stops_everything(tmp_path, sig, code):
+    token = f"fleetrun-test-{os.getpid()}-{int(sig)}"
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _fleetrun(["--server_num", 1, "--worker_num", 2, "--log_dir", tmp_path / "log", ROLES, out,
+                   "hang", "-"], env=_env(SHOAL_JOB_TOKEN=token))
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(out.glob("worker*.json"))) < 2:
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        p.send_signal(sig)
+        _, stderr = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == code, stderr
+    assert not _orphans(token)
+
+
+def test_sigkill_of_fleetrun_itself_leaves_nothing_behind(tmp_path):
+    token = f"fleetrun-test-{os.getpid()}-kill"
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _fleetrun(["--server_num", 1, "--worker_num", 1, "--log_dir", tmp_path / "log", ROLES, out,
+                   "hang", "-"], env=_env(SHOAL_JOB_TOKEN=token))
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "worker0.json").exists():
+            assert time.monotonic() < deadline and p.poll() is None
+            time.sleep(0.05)
+        p.kill()
+        p.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while _orphans(token) and time.monotonic() < deadline:
+            time.sleep(0.1)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert not _orphans(token)
+
+
+def test_flags_come_from_shoal_fleetrun_variables_never_from_the_contract(tmp_path):
+    token = f"fleetrun-test-{os.getpid()}-env"
+    out = tmp_path / "out"
+    out.mkdir()
+    env = _env(SHOAL_JOB_TOKEN=token, SHOAL_FLEETRUN_SERVER_NUM="1", SHOAL_FLEETRUN_WORKER_NUM="1",
+               PADDLE_TRAINERS_NUM="7", TRAINING_ROLE="TRAINER")
+    p = _fleetrun(["--log_dir", tmp_path / "log", ROLES, out, "ok", "-"], env=env)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 0, stderr
+    assert sorted(x.stem for x in out.glob("*.json")) == ["server0", "worker0"]
+    assert json.loads((out / "worker0.json").read_text())["PADDLE_TRAINERS_NUM"] == "1"
+
+
+def _busy_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--bogus", "1", str(ROLES)], "unrecognized arguments"),
+    (["--server_num", "1", "--worker_num", "1"], "script"),
+    (["--server_num", "1", "--worker_num", "1", "no_such_script.py"], "does not exist"),
+    (["--server_num", "1", "--worker_num", "1", "--nproc_per_node", "2", str(ROLES)],
+     "cannot be used together"),
+    (["--server_num", "0", "--worker_num", "1", str(ROLES)], "--server_num 0"),
+    (["--server-num", "1", "--worker-num", "1", "--strategy", "no_such_preset", str(ROLES)],
+     "neither a file nor a preset"),
+])
+def test_bad_arguments_get_one_line_and_exit_2(args, says):
+    p = _fleetrun(args)
+    _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 2
+    assert says in stderr and len(stderr.strip().splitlines()) == 1, stderr
+
+
+def test_a_busy_start_port_gets_one_line_and_exit_2(tmp_path):
+    with _busy_port() as s:
+        port = s.getsockname()[1]
+        p = _fleetrun(["--server_num", 1, "--worker_num", 1, "--start_port", port, "--log_dir",
+                       tmp_path / "log", ROLES, tmp_path, "ok", "-"])
+        _, stderr = p.communicate(timeout=60)
+    assert p.returncode == 2, stderr
+    assert "not all free" in stderr and len(stderr.strip().splitlines()) == 1

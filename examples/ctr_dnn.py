@@ -102,9 +102,14 @@ def data_files(args) -> tuple[list[str], list[str]]:
     return made.train, made.test
 
 
-def load(files, args, shuffle: bool) -> InMemoryDataset:
+def dataset(files, args) -> InMemoryDataset:
     ds = InMemoryDataset(batch_size=args.batch, thread_num=args.threads, use_var=SlotList.ctr())
     ds.set_filelist(files, worker_index=fleet.worker_index(), worker_num=fleet.worker_num())
+    return ds
+
+
+def load(files, args, shuffle: bool) -> InMemoryDataset:
+    ds = dataset(files, args)
     ds.load_into_memory()
     if shuffle:
         ds.local_shuffle(seed=args.seed + fleet.worker_index())
@@ -124,10 +129,10 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def train(args, model, opt, progress, timer, start_step: int) -> tuple[int, float, dict]:
-    train_files, _ = data_files(args)
+def train(args, ds, model, opt, progress, timer, start_step: int) -> tuple[int, float, dict]:
     t_load = time.perf_counter()
-    ds = load(train_files, args, shuffle=True)
+    ds.wait_preload_done()  # started before init_worker: parsing overlapped connecting
+    ds.local_shuffle(seed=args.seed + fleet.worker_index())
     load_seconds = time.perf_counter() - t_load
     comm = fleet.communicator()
     auc, loss_mean = Auc(), Mean()
@@ -215,7 +220,9 @@ def main(argv=None) -> int:
                            "peak_rss_mb": peak_rss_mb()}, f)
         return 0
 
-    data_files(args)  # generate (or find) the data before the servers' clocks matter
+    train_files, _ = data_files(args)  # generate (or find) the data
+    train_set = dataset(train_files, args)
+    train_set.preload_into_memory()  # parses on its own threads while the worker connects
     fleet.init_worker(model)
     rank = fleet.worker_index()
     start_step = 0
@@ -225,7 +232,7 @@ def main(argv=None) -> int:
     timer = StepTimer()
     log_path = os.path.join(args.log_dir, "metrics.jsonl") if rank == 0 else None
     with TrainingProgress(None, rank=rank, log_path=log_path) as progress:
-        step, elapsed, figures = train(args, model, opt, progress, timer, start_step)
+        step, elapsed, figures = train(args, train_set, model, opt, progress, timer, start_step)
         if args.save:
             fleet.save_persistables(args.save, extra={"step": step})
         else:

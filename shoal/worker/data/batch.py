@@ -36,6 +36,11 @@ def unit_offsets(n: int) -> np.ndarray:
         return _unit[:n + 1]
 
 
+def _shares_unit(offsets: np.ndarray) -> bool:
+    """O(1): offsets that are a view of the shared 0..n arange (from `unit_offsets`)."""
+    return offsets.base is not None and offsets.base is _unit and offsets[0] == 0
+
+
 def is_unit_offsets(offsets: np.ndarray) -> bool:
     """True when `offsets` are 0, 1, ..., n (every row holds exactly one value)."""
     if offsets.base is not None and offsets.base is _unit:
@@ -112,6 +117,8 @@ class Ragged:
 
     def take(self, indices: np.ndarray) -> "Ragged":
         """Rows in the order of `indices` (int64, each in [0, B); checked by the caller)."""
+        if _shares_unit(self.offsets):  # one value per row: a plain gather, no offset arithmetic
+            return Ragged(self.values[indices], unit_offsets(len(indices)), validate=False)
         starts = self.offsets[indices]
         lens = self.offsets[indices + 1] - starts
         offsets = np.zeros(len(indices) + 1, dtype=np.int64)

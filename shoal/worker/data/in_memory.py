@@ -54,6 +54,7 @@ class InMemoryDataset(DatasetBase):
     def __init__(self, **settings):
         super().__init__(**settings)
         self._block: Batch | None = None
+        self._order: np.ndarray | None = None  # a local shuffle not applied to the columns yet
         self._shuffle_size = 0
         self._preload: threading.Thread | None = None
         self._preload_error: BaseException | None = None
@@ -68,7 +69,7 @@ class InMemoryDataset(DatasetBase):
             BadLineError, PipeCommandError: see `MultiSlotReader`.
         """
         self._wait_preload()
-        self._block = None
+        self._block, self._order = None, None
         reader = self._new_reader()
         self._block = reader.read_files(self._files)
         self._shuffle_size = 0
@@ -105,7 +106,7 @@ class InMemoryDataset(DatasetBase):
     def release_memory(self) -> None:
         """Drop the samples held in memory (load again before iterating)."""
         self._wait_preload()
-        self._block = None
+        self._block, self._order = None, None
         self._shuffle_size = 0
         release_free_memory()
 
@@ -114,11 +115,22 @@ class InMemoryDataset(DatasetBase):
         """All samples in memory, as one Batch (do not modify it in place)."""
         return self._require_block()
 
-    def _require_block(self) -> Batch:
+    def _loaded(self) -> Batch:
+        """The samples in memory, in load order or after the last applied shuffle."""
         if self._block is None:
             raise DataError("InMemoryDataset has no data in memory: call load_into_memory() first "
                             "(or again after release_memory())")
         return self._block
+
+    def _require_block(self) -> Batch:
+        """The samples in memory in their shuffled order (applying a pending local shuffle)."""
+        block = self._loaded()
+        if self._order is not None:
+            order, self._order = self._order, None
+            self._block = None
+            self._block = block = block.take(order, consume=True)
+            release_free_memory()
+        return block
 
     def get_memory_data_size(self) -> int:
         """Samples held in memory by this worker (0 before loading)."""
@@ -134,13 +146,16 @@ class InMemoryDataset(DatasetBase):
     # ---- shuffling ----
 
     def local_shuffle(self, seed: int | None = None) -> None:
-        """Permute the samples in memory (seeded: the same seed gives the same order)."""
-        block = self._require_block()
-        rng = np.random.default_rng(_seed(seed))
-        self._block = None  # the batches of an earlier pass (views) keep their own columns alive
-        self._block = block.take(rng.permutation(block.size), consume=True)
-        self._shuffle_size = self._block.size
-        release_free_memory()
+        """Permute the samples in memory (seeded: the same seed gives the same order).
+
+        Returns at once: the permutation is kept, and `batches()` gathers each
+        batch's samples as it goes (no second copy of the data, no pause before
+        the first batch); `block` applies it to the columns when asked.
+        """
+        block = self._loaded()
+        perm = np.random.default_rng(_seed(seed)).permutation(block.size)
+        self._order = perm if self._order is None else self._order[perm]
+        self._shuffle_size = block.size
 
     def global_shuffle(self, exchange: Exchange | None = None, seed: int | None = None, *,
                        worker_index: int | None = None, worker_num: int | None = None) -> None:
@@ -209,7 +224,7 @@ class InMemoryDataset(DatasetBase):
     def num_batches(self, batch_size: int | None = None, drop_last: bool | None = None) -> int:
         """How many batches `batches()` yields from the start."""
         bs, _, drop = self._batch_args(batch_size, 0, drop_last)
-        n = self._require_block().size
+        n = self._loaded().size
         return n // bs if drop else -(-n // bs)
 
     def batches(self, batch_size: int | None = None, skip: int = 0,
@@ -224,8 +239,10 @@ class InMemoryDataset(DatasetBase):
             DataError: nothing loaded, or bad arguments (raised here, not at the first next()).
         """
         bs, skip, drop = self._batch_args(batch_size, skip, drop_last)
-        block = self._require_block()
+        block, order = self._loaded(), self._order
         total = block.size // bs if drop else -(-block.size // bs)
+        if order is not None:  # a pending local shuffle: each batch gathers its samples
+            return (block.take(order[i * bs:(i + 1) * bs]) for i in range(skip, total))
         return (block.slice(i * bs, (i + 1) * bs) for i in range(skip, total))
 
     def __iter__(self) -> Iterator[Batch]:

@@ -101,6 +101,21 @@ def test_local_shuffle_is_a_seeded_permutation(files):
     assert not ds.block.equals(first)
 
 
+def test_batches_after_a_shuffle_are_the_shuffled_samples_in_order(files):
+    """local_shuffle only records the permutation; batches gather through it, and the block
+    applied later is the same order (twice shuffled: the permutations compose)."""
+    paths, _ = files
+    lazy, eager = loaded(paths), loaded(paths)
+    for ds in (lazy, eager):
+        ds.local_shuffle(seed=3)
+        ds.local_shuffle(seed=4)
+    eager.block  # noqa: B018 - applies the pending permutation to the columns
+    got = Batch.concat(list(lazy.batches(batch_size=256, skip=2)))
+    want = Batch.concat(list(eager.batches(batch_size=256, skip=2)))
+    assert got.equals(want) and got.size == 3000 - 512
+    assert lazy.block.equals(eager.block)
+
+
 def test_release_memory(files):
     ds = loaded(files[0])
     ds.release_memory()

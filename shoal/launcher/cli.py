@@ -19,8 +19,10 @@ import sys
 import threading
 from pathlib import Path
 
+from shoal.configs.cluster import parse_endpoint
+from shoal.configs.errors import ConfigError
 from shoal.launcher.errors import LaunchError
-from shoal.launcher.local import LocalJob
+from shoal.launcher.local import LocalJob, LogDirBusyError
 
 _ENV_PREFIX = "SHOAL_FLEETRUN_"
 # (flag, type, default, help); both spellings (--server_num, --server-num) are accepted
@@ -46,6 +48,8 @@ _FLAGS = [
     ("worker_gpus", float, 0.0, "Ray backend: GPUs per worker actor"),
 ]
 _PS_FLAGS = ("server_num", "worker_num", "servers", "workers")
+_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+_TAIL_CHUNK = 1 << 20
 _COLLECTIVE_FLAGS = ("nproc_per_node", "devices", "gpus", "ips", "master")
 
 
@@ -109,6 +113,16 @@ def _check(args) -> argparse.Namespace:
                          "build yet; leave it 0")
     if args.servers is not None:
         endpoints = [e.strip() for e in args.servers.split(",") if e.strip()]
+        for e in endpoints:
+            try:
+                host, _ = parse_endpoint(e)
+            except ValueError as err:
+                raise UsageError(f"--servers: {err}") from None
+            if host not in _LOCAL_HOSTS:
+                raise UsageError(f"--servers {e}: only this machine ({', '.join(_LOCAL_HOSTS)}) in "
+                                 f"this build; jobs over several nodes are not available yet")
+        if len(set(endpoints)) != len(endpoints):
+            raise UsageError(f"--servers lists an endpoint twice: {args.servers}")
         if args.server_num is not None and args.server_num != len(endpoints):
             raise UsageError(f"--server_num {args.server_num} disagrees with the "
                              f"{len(endpoints)} endpoints of --servers")
@@ -118,6 +132,10 @@ def _check(args) -> argparse.Namespace:
         args.server_endpoints = None
     if args.workers is not None:
         ips = [w.strip() for w in args.workers.split(",") if w.strip()]
+        far = [ip for ip in ips if ip not in _LOCAL_HOSTS]
+        if far:
+            raise UsageError(f"--workers {far[0]}: only this machine ({', '.join(_LOCAL_HOSTS)}) in "
+                             f"this build; jobs over several nodes are not available yet")
         if args.worker_num is not None and args.worker_num != len(ips):
             raise UsageError(f"--worker_num {args.worker_num} disagrees with the {len(ips)} ips "
                              f"of --workers")
@@ -131,6 +149,10 @@ def _check(args) -> argparse.Namespace:
         raise UsageError(f"--start_port {args.start_port} must lie in [1, {65535 - args.server_num}]")
     if not Path(args.script).is_file():
         raise UsageError(f"script {args.script!r} does not exist")
+    try:
+        Path(args.log_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--log_dir {args.log_dir}: {e.strerror or e}") from None
     return args
 
 
@@ -161,7 +183,7 @@ class _Tail(threading.Thread):
             try:
                 with open(self.path, "rb") as f:
                     f.seek(pos)
-                    chunk = f.read()
+                    chunk = f.read(_TAIL_CHUNK)
                     pos += len(chunk)
             except FileNotFoundError:
                 chunk = b""
@@ -170,6 +192,8 @@ class _Tail(threading.Thread):
             for line in lines:
                 sys.stdout.write(f"{self.prefix}{line.decode(errors='replace')}\n")
             sys.stdout.flush()
+            if len(chunk) == _TAIL_CHUNK:
+                continue  # more is waiting: read on before sleeping (or stopping)
             if finishing:
                 if rest:
                     sys.stdout.write(f"{self.prefix}{rest.decode(errors='replace')}\n")
@@ -190,21 +214,29 @@ def run(args) -> int:
     stopping = {"signal": None}
 
     def on_signal(sig, _frame):
+        if stopping["signal"] is not None:  # a second one: no more grace
+            job.kill()
+            return
         stopping["signal"] = sig
         raise KeyboardInterrupt
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     tail = _Tail(Path(args.log_dir) / "workerlog.0", "[worker 0] ")
+    finished = False
     try:
         job.start()
         tail.start()
         job.wait()
+        finished = True
         return 0
     except KeyboardInterrupt:
-        job.stop()
-        sig = stopping["signal"] or signal.SIGINT
-        print(f"fleetrun: stopped by {signal.Signals(sig).name}; every process of the job is "
-              f"stopped", file=sys.stderr)
-        return 128 + int(sig)
+        stopping["signal"] = stopping["signal"] or signal.SIGINT
+        job.close()
+        print(f"fleetrun: stopped by {signal.Signals(stopping['signal']).name}; every process of "
+              f"the job is stopped", file=sys.stderr)
+        return 128 + int(stopping["signal"])
+    except LogDirBusyError as e:
+        print(f"fleetrun: {e}", file=sys.stderr)
+        return 2
     except LaunchError as e:
         busy = ports is not None and any("Address already in use" in c.tail(50) for c in job.servers)
         if busy:
@@ -215,10 +247,15 @@ def run(args) -> int:
         print(f"fleetrun: {e}", file=sys.stderr)
         return 1
     finally:
-        job.stop()
+        if stopping["signal"] is None:
+            stopping["signal"] = signal.SIGTERM  # from here on a signal only hurries the stop
+        job.close()
         tail.done.set()
         if tail.is_alive():
-            tail.join(timeout=5)
+            tail.join(timeout=None if finished else 5)
+            if tail.is_alive():
+                print(f"fleetrun: worker 0's console output was cut short; all of it is in "
+                      f"{Path(args.log_dir) / 'workerlog.0'}", file=sys.stderr)
         for s, h in old.items():
             signal.signal(s, h)
 
@@ -232,9 +269,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run(args)
-    except UsageError as e:
+    except (UsageError, ConfigError, OSError) as e:
         print(f"fleetrun: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # a signal that arrived outside the job's own handling
+        print("fleetrun: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -6,10 +6,14 @@ by SHOAL_ENDPOINT_REPORT, and the supervisor waits (bounded) for every
 report before it starts the workers with the full
 PADDLE_PSERVERS_IP_PORT_LIST. No port is probed and bound later.
 
-Every child runs in its own process group, dies with its parent
-(PR_SET_PDEATHSIG, so even a SIGKILL of the supervisor leaves nothing
-behind), writes its output to `<log_dir>/serverlog.N` / `workerlog.N`, and
-gets OMP_NUM_THREADS = max(1, cores // processes) unless the caller set it.
+Every child runs in its own process group and dies with its parent
+(PR_SET_PDEATHSIG); a small janitor process holds the list of the groups and
+SIGKILLs them all if the supervisor itself dies, so even a SIGKILL of
+fleetrun leaves no grandchild behind. Stopping signals whole groups (a
+child's own children included). Each child writes its output to
+`<log_dir>/serverlog.N` / `workerlog.N` (unbuffered), and gets
+OMP_NUM_THREADS = max(1, cores // processes) unless the caller set it. One
+job at a time uses a log_dir (a lock file says which).
 When every worker exits 0 the servers are given a grace period to exit (the
 first worker's stop_worker stops them), then SIGTERM. When any process fails,
 every other one gets SIGTERM, then SIGKILL after the grace period, and
@@ -19,6 +23,7 @@ last lines of its log.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import secrets
 import signal
@@ -33,11 +38,36 @@ from shoal.launcher.errors import LaunchError
 
 _PR_SET_PDEATHSIG = 1
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+_LIBC = ctypes.CDLL(None, use_errno=True)  # loaded before any fork: nothing is loaded in a child
+
+# The janitor: reads the process groups of the job on stdin; at EOF without "done" (the
+# supervisor died), SIGKILLs every group it was told of and not told is gone.
+_JANITOR = """
+import os, signal, sys
+groups = set()
+for line in sys.stdin:
+    word, _, pgid = line.strip().partition(" ")
+    if word == "done":
+        sys.exit(0)
+    (groups.add if word == "group" else groups.discard)(int(pgid))
+for pgid in groups:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
 
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+class LogDirBusyError(LaunchError):
+    """Another job is using the log directory."""
+
+
+def _die_with_parent(parent: int):
+    def preexec() -> None:  # in the child between fork and exec: no allocation-heavy work
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+    return preexec
 
 
 @dataclass
@@ -71,8 +101,18 @@ class Child:
 def _signal(child: Child, sig: int) -> None:
     try:
         os.killpg(child.popen.pid, sig)  # the child leads its own group: take its children too
-    except ProcessLookupError:
+    except (ProcessLookupError, PermissionError):
         pass
+
+
+def _group_alive(child: Child) -> bool:
+    """Whether any process is left in the child's group (its leader reaped first)."""
+    child.popen.poll()
+    try:
+        os.killpg(child.popen.pid, 0)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
 
 
 class LocalJob:
@@ -113,6 +153,10 @@ class LocalJob:
         self.workers: list[Child] = []
         self.endpoints: list[str] = []
         self.launch_t0 = time.time()
+        self._nonce = secrets.token_hex(4)
+        self._lock = None
+        self._janitor: subprocess.Popen | None = None
+        self._signalled: set[int] = set()  # pids this supervisor sent a signal to
 
     # -- starting ------------------------------------------------------------------
     def _base_env(self) -> dict:
@@ -122,6 +166,7 @@ class LocalJob:
         threads = str(max(1, (os.cpu_count() or 1) // (self.n_servers + self.n_workers)))
         for var in _THREAD_VARS:
             env[var] = os.environ.get(var, threads)
+        env.setdefault("PYTHONUNBUFFERED", "1")  # a log's last lines are there when a child dies
         env.update(self.extra_env)
         env["SHOAL_LAUNCH_T0"] = repr(self.launch_t0)
         return env
@@ -132,8 +177,32 @@ class LocalJob:
         with open(log, "wb") as out:
             popen = subprocess.Popen([self.python, self.script, *self.script_args], env=env,
                                      stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
+        self._tell_janitor(f"group {popen.pid}")
         return Child(role, rank, popen, log)
+
+    def _tell_janitor(self, line: str) -> None:
+        try:
+            self._janitor.stdin.write(f"{line}\n".encode())
+            self._janitor.stdin.flush()
+        except (AttributeError, OSError):  # no janitor (never started, or already done)
+            pass
+
+    def _take_log_dir(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.log_dir / ".fleetrun.lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            lock.close()
+            raise LogDirBusyError(f"log_dir {self.log_dir} is in use by another job (fleetrun pid "
+                                  f"{holder}); choose another --log_dir") from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        self._lock = lock
 
     def start(self) -> list[str]:
         """Start the servers, wait for their endpoints, start the workers; returns the endpoints.
@@ -144,16 +213,19 @@ class LocalJob:
         try:
             return self._start()
         except BaseException:
-            self.stop()
+            self.close()
             raise
 
     def _start(self) -> list[str]:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self._take_log_dir()
+        self._janitor = subprocess.Popen([self.python, "-c", _JANITOR], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
         common = dict(job_token=self.token, strategy_path=self.strategy_path,
                       log_dir=str(self.log_dir), launch_t0=self.launch_t0)
         reports = []
         for i in range(self.n_servers):
-            report = self.log_dir / f".server{i}.endpoint"
+            report = self.log_dir / f".server{i}.{self._nonce}.endpoint"
             report.unlink(missing_ok=True)
             reports.append(report)
             contract = ServerEnv(trainers_num=self.n_workers, server_index=i,
@@ -174,6 +246,7 @@ class LocalJob:
                                       f"{child.tail()}")
                 time.sleep(0.02)
             self.endpoints.append(report.read_text().strip().replace("tcp://", ""))
+            report.unlink(missing_ok=True)
         (self.log_dir / "endpoints.log").write_text(
             "".join(f"server {i} {ep}\n" for i, ep in enumerate(self.endpoints)))
         # the workers' own endpoints are only names here (no worker binds them in PS mode)
@@ -194,7 +267,8 @@ class LocalJob:
         for child in self.servers:
             # exit 0 is a server told to stop (by the first worker's stop_worker); a server that
             # stops while others still need it makes their next call fail, naming it
-            if child.popen.poll() is not None and child.popen.returncode != 0:
+            if child.popen.poll() is not None and child.popen.returncode != 0 \
+                    and child.popen.pid not in self._signalled:
                 return child
         return None
 
@@ -220,24 +294,64 @@ class LocalJob:
         end = time.monotonic() + self.grace
         while any(c.popen.poll() is None for c in self.servers) and time.monotonic() < end:
             time.sleep(0.05)
+        bad = self._failed()  # a server that failed while shutting down (a last save, say)
         self.stop()
+        if bad is not None:
+            raise LaunchError(f"{bad.describe()} failed while stopping ({bad.exit_text()}); last "
+                              f"lines of {bad.log}:\n{bad.tail()}")
 
     def stop(self) -> None:
-        """SIGTERM every running process, SIGKILL what is left after the grace period."""
-        alive = [c for c in self.servers + self.workers if c.popen.poll() is None]
-        for child in alive:
-            _signal(child, signal.SIGTERM)
+        """SIGTERM every process group of the job (children and their children), SIGKILL what is
+        left after the grace period. Idempotent; returns once every group is empty."""
+        children = self.servers + self.workers
+        for child in children:
+            if _group_alive(child):
+                if child.popen.poll() is None:
+                    self._signalled.add(child.popen.pid)
+                _signal(child, signal.SIGTERM)
         end = time.monotonic() + self.grace
-        for child in alive:
-            try:
-                child.popen.wait(timeout=max(0.0, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        while any(_group_alive(c) for c in children) and time.monotonic() < end:
+            time.sleep(0.05)
+        for child in children:
+            if _group_alive(child):
+                self._signalled.add(child.popen.pid)
                 _signal(child, signal.SIGKILL)
+        for child in children:
+            try:
                 child.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
+                pass
+        deadline = time.monotonic() + 5
+        while any(_group_alive(c) for c in children) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for child in children:
+            if not _group_alive(child):
+                self._tell_janitor(f"gone {child.popen.pid}")
+
+    def kill(self) -> None:
+        """SIGKILL every process group at once (a second Ctrl-C)."""
+        for child in self.servers + self.workers:
+            self._signalled.add(child.popen.pid)
+            _signal(child, signal.SIGKILL)
+
+    def close(self) -> None:
+        """Stop everything, then let the janitor go and free the log directory."""
+        self.stop()
+        if self._janitor is not None:
+            self._tell_janitor("done")
+            try:
+                self._janitor.stdin.close()
+            except OSError:
+                pass
+            self._janitor.wait(timeout=10)
+            self._janitor = None
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def __enter__(self) -> "LocalJob":
         self.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()

@@ -1,8 +1,17 @@
 """A job script for the fleetrun tests: records the environment each role receives, then does
-what argv asks (ok | raise | sigkill | hang) on the worker or server named by --who."""
+what argv asks on the process named by `who` (server0, worker1, ...; "-" for none):
+
+ok        every process finishes normally
+raise     `who` raises (after writing the time it fails at)
+sigkill   `who` SIGKILLs itself
+hang      the workers never finish
+spawn     every worker starts a grandchild that ignores SIGTERM; `who` then exits 3
+late-fail `who` (a server) exits 1 a second after it was told to stop
+"""
 import json
 import os
 import signal
+import subprocess
 import sys
 import time
 
@@ -13,22 +22,42 @@ out, action, who = sys.argv[1], sys.argv[2], sys.argv[3]
 fleet.init()
 role = "server" if fleet.is_server() else "worker"
 rank = fleet.server_index() if fleet.is_server() else fleet.worker_index()
-keep = ("TRAINING_ROLE", "PADDLE_", "SHOAL_", "POD_IP", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-with open(os.path.join(out, f"{role}{rank}.json"), "w") as f:
-    json.dump({k: v for k, v in os.environ.items() if k.startswith(keep)}, f)
-print(f"{role} {rank} up", flush=True)
 me = f"{role}{rank}"
-if me == who:
-    if action == "raise":
-        raise RuntimeError(f"{me} fails on purpose")
-    if action == "sigkill":
-        os.kill(os.getpid(), signal.SIGKILL)
+keep = ("TRAINING_ROLE", "PADDLE_", "SHOAL_", "POD_IP", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+with open(os.path.join(out, f"{me}.json"), "w") as f:
+    json.dump(dict({k: v for k, v in os.environ.items() if k.startswith(keep)}, pid=os.getpid()), f)
+print(f"{role} {rank} up")  # no flush: fleetrun makes children's output unbuffered
+
+
+def failing_now():
+    with open(os.path.join(out, "failed_at"), "w") as f:
+        f.write(repr(time.time()))
+
+
+if me == who and action == "raise":
+    failing_now()
+    raise RuntimeError(f"{me} fails on purpose")
+if me == who and action == "sigkill":
+    failing_now()
+    os.kill(os.getpid(), signal.SIGKILL)
+if role == "worker" and action in ("spawn", "spawn-hang"):
+    child = subprocess.Popen([sys.executable, "-c", "import signal, time; "
+                              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+    with open(os.path.join(out, f"grandchild{rank}"), "w") as f:
+        f.write(str(child.pid))
 if fleet.is_server():
     fleet.init_server()
     fleet.run_server()
+    if me == who and action == "late-fail":
+        time.sleep(1)
+        print("saving the last checkpoint failed")
+        sys.exit(1)
     sys.exit(0)
 fleet.init_worker(nn.Layer())
-if action == "hang":
+if action in ("hang", "spawn-hang"):
     while True:
         time.sleep(0.1)
+if me == who and action == "spawn":
+    failing_now()
+    sys.exit(3)
 fleet.stop_worker()

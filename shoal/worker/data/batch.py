@@ -19,6 +19,7 @@ from shoal.worker.data.slots import Slot, SlotList
 
 _unit_lock = threading.Lock()
 _unit = np.arange(1, dtype=np.int64)
+_unit.flags.writeable = False
 
 
 def unit_offsets(n: int) -> np.ndarray:

@@ -117,6 +117,7 @@ class InMemoryDataset(DatasetBase):
 
     def _loaded(self) -> Batch:
         """The samples in memory, in load order or after the last applied shuffle."""
+        self._wait_preload()
         if self._block is None:
             raise DataError("InMemoryDataset has no data in memory: call load_into_memory() first "
                             "(or again after release_memory())")
@@ -239,7 +240,10 @@ class InMemoryDataset(DatasetBase):
             DataError: nothing loaded, or bad arguments (raised here, not at the first next()).
         """
         bs, skip, drop = self._batch_args(batch_size, skip, drop_last)
+        # a view of the columns of its own: applying a shuffle later (block, global_shuffle)
+        # consumes the dataset's block, never what this iteration reads
         block, order = self._loaded(), self._order
+        block = block.slice(0, block.size)
         total = block.size // bs if drop else -(-block.size // bs)
         if order is not None:  # a pending local shuffle: each batch gathers its samples
             return (block.take(order[i * bs:(i + 1) * bs]) for i in range(skip, total))

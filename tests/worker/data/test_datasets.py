@@ -247,3 +247,17 @@ def test_queue_dataset_stops_a_silent_pipe_command(files):
     with pytest.raises(PipeCommandError, match="exited with status 4"):
         list(ds)
     assert not queue_threads()
+
+
+def test_reading_block_or_shuffling_again_mid_iteration_changes_nothing_already_iterating(files):
+    paths, _ = files
+    ds, ref = loaded(paths), loaded(paths)
+    ds.local_shuffle(seed=5)
+    ref.local_shuffle(seed=5)
+    want = list(ref.batches(batch_size=500))
+    it = ds.batches(batch_size=500)
+    got = [next(it)]
+    ds.block  # noqa: B018 - applies the pending shuffle to the dataset's columns
+    ds.local_shuffle(seed=6)
+    got += list(it)
+    assert len(got) == len(want) and all(g.equals(w) for g, w in zip(got, want))

@@ -87,7 +87,9 @@ class InMemoryDataset(DatasetBase):
             except BaseException as e:  # handed to wait_preload_done
                 self._preload_error = e
 
-        self._preload = threading.Thread(target=run, name="shoal-preload", daemon=True)
+        # not a daemon: a daemon thread inside the native parser at interpreter exit is unwound by
+        # pthread_exit through C++ frames (std::terminate); exit waits for the parse instead
+        self._preload = threading.Thread(target=run, name="shoal-preload", daemon=False)
         self._preload.start()
 
     def wait_preload_done(self) -> None:

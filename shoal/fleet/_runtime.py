@@ -58,7 +58,6 @@ class PSRuntime:
         self.model = None
         self.flat: FlatParams | None = None
         self.exchange = None  # worker-to-worker all_to_all, started by the first global_shuffle
-        self._barriers = 0
         if self.local and not quiet:
             print(_local_line(self.strategy), file=sys.stderr, flush=True)
 
@@ -149,9 +148,10 @@ class PSRuntime:
         return specs
 
     def barrier(self, name: str) -> None:
+        """Every worker meets at `name` (on server 0). A name is reused from one phase to the next
+        (a gathering ends when all arrived), so a restarted worker meets the others at their next."""
         if self.worker_num() > 1:
-            self._barriers += 1
-            self.client.barrier(f"{name}-{self._barriers}", self.worker_num(), self.rpc_timeout)
+            self.client.barrier(name, self.worker_num(), self.rpc_timeout)
 
     def init_worker(self, model) -> None:
         self._need(True, "init_worker")
@@ -169,8 +169,11 @@ class PSRuntime:
         if flat.size:
             specs.append(dense_spec(self.optimizer.inner, flat.size, DENSE_TABLE))
         self.client = client = self._client()
+        restarted = bool(getattr(self.env, "restart", 0))
         try:
-            if self.worker_index() == 0:
+            if restarted:
+                self._rejoin(client, specs)
+            elif self.worker_index() == 0:
                 created = {spec.name: client.create_table(spec) for spec in specs}
                 # a table the servers loaded from a checkpoint (init_server(dirname)) keeps its values
                 if flat.size and created[DENSE_TABLE]:
@@ -178,7 +181,8 @@ class PSRuntime:
             else:
                 for spec in specs:
                     client.register_table(spec)
-            self.barrier("init-worker")  # the tables exist and hold worker 0's dense values
+            if not restarted:
+                self.barrier("init-worker")  # the tables exist and hold worker 0's dense values
             if flat.size:
                 flat.load(client.pull_dense(DENSE_TABLE))
             self.communicator = self._communicator(client, specs)
@@ -192,6 +196,18 @@ class PSRuntime:
         if self.optimizer is not None:
             self.optimizer._attach(flat)
         bind_sparse_backend(model, self.communicator)
+
+    def _rejoin(self, client: PSClient, specs) -> None:
+        """A restarted worker (SHOAL_RESTART > 0) joins a running job: the tables exist, the
+        others are past init. Only modes without per-step meetings can take it back."""
+        mode = self.strategy.communicator_mode
+        if mode not in (CommMode.ASYNC, CommMode.GEO):
+            raise FleetError(f"worker {self.worker_index()} was restarted (generation "
+                             f"{self.env.restart}), but a {_MODE_NAMES[mode]} job cannot take a "
+                             f"worker back mid-run (its steps are counted together); restarts work "
+                             f"in async and GEO modes, otherwise resume the job from a checkpoint")
+        for spec in specs:
+            client.register_table(spec)
 
     def _communicator(self, client: PSClient, specs) -> Communicator:
         mode = CommMode.SYNC if self.local else self.strategy.communicator_mode
@@ -253,8 +269,7 @@ class PSRuntime:
         self._connected("reduce")
         if self.worker_num() == 1:
             return np.array(array)
-        self._barriers += 1
-        return self.client.reduce(f"{name}-{self._barriers}", array, self.worker_num(), self.rpc_timeout)
+        return self.client.reduce(name, array, self.worker_num(), self.rpc_timeout)
 
     # -- checkpoints -------------------------------------------------------------------
     def save_persistables(self, dirname: str, mode: int = 0, extra: dict | None = None) -> None:

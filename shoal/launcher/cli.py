@@ -39,7 +39,7 @@ _FLAGS = [
     ("log_dir", str, "log", "directory of workerlog.N, serverlog.N, endpoints.log"),
     ("strategy", str, None, "a strategy YAML file or a preset name (ps_sync, ps_async, ...)"),
     ("start_port", int, None, "servers bind start_port, start_port+1, ... (default: free ports)"),
-    ("max_restarts", int, 0, "restart a failed worker up to N times"),
+    ("max_restarts", int, 0, "restart failed workers up to N times in all (async and GEO jobs)"),
     ("job_id", str, "default", "a name for the job (log lines, Ray)"),
     ("backend", str, "local", "where processes run: local or ray"),
     ("ray_address", str, None, "Ray backend: the cluster address (default RAY_ADDRESS)"),
@@ -108,9 +108,8 @@ def _check(args) -> argparse.Namespace:
     if args.backend != "local":
         raise UsageError(f"--backend {args.backend!r}: only the local backend is available in this "
                          f"build (the Ray backend is not yet)")
-    if args.max_restarts:
-        raise UsageError("--max_restarts: restarting failed workers is not available in this "
-                         "build yet; leave it 0")
+    if args.max_restarts < 0:
+        raise UsageError(f"--max_restarts {args.max_restarts} must be >= 0")
     if args.servers is not None:
         endpoints = [e.strip() for e in args.servers.split(",") if e.strip()]
         for e in endpoints:
@@ -210,7 +209,11 @@ def run(args) -> int:
     job = LocalJob(args.script, args.script_args, n_servers=args.server_num,
                    n_workers=args.worker_num, log_dir=args.log_dir,
                    token=os.environ.get("SHOAL_JOB_TOKEN"), strategy_path=_strategy_path(args.strategy),
-                   ports=ports)
+                   ports=ports, max_restarts=args.max_restarts,
+                   on_restart=lambda child, n: print(
+                       f"fleetrun: {child.describe()} failed ({child.exit_text()}); restarting it "
+                       f"({n} of {args.max_restarts}); its log so far is {child.log}.restart{n - 1}",
+                       file=sys.stderr, flush=True))
     stopping = {"signal": None}
 
     def on_signal(sig, _frame):

@@ -135,7 +135,8 @@ class LocalJob:
     def __init__(self, script, script_args=(), *, n_servers: int, n_workers: int, log_dir,
                  token: str | None = None, strategy_path: str | None = None,
                  host: str = "127.0.0.1", env: dict | None = None, start_timeout: float = 60.0,
-                 grace: float = 5.0, python: str = sys.executable, ports: list[int] | None = None):
+                 grace: float = 5.0, python: str = sys.executable, ports: list[int] | None = None,
+                 max_restarts: int = 0, on_restart=None):
         if n_servers < 1 or n_workers < 1:
             raise LaunchError(f"a PS job needs at least one server and one worker, got "
                               f"--server_num {n_servers} --worker_num {n_workers}")
@@ -149,6 +150,9 @@ class LocalJob:
         if ports is not None and len(ports) != n_servers:
             raise LaunchError(f"{len(ports)} server ports for {n_servers} servers")
         self.ports = list(ports) if ports is not None else [0] * n_servers  # 0: a free port
+        self.max_restarts, self.restarts = max_restarts, 0
+        self.on_restart = on_restart  # called with (failed child, restart number) before a restart
+        self._common: dict = {}
         self.servers: list[Child] = []
         self.workers: list[Child] = []
         self.endpoints: list[str] = []
@@ -249,14 +253,37 @@ class LocalJob:
             report.unlink(missing_ok=True)
         (self.log_dir / "endpoints.log").write_text(
             "".join(f"server {i} {ep}\n" for i, ep in enumerate(self.endpoints)))
+        self._common = common
+        for w in range(self.n_workers):
+            self.workers.append(self._spawn_worker(w, restart=0))
+        return self.endpoints
+
+    def _spawn_worker(self, rank: int, restart: int) -> Child:
         # the workers' own endpoints are only names here (no worker binds them in PS mode)
         trainers = tuple(f"{self.host}:0" for _ in range(self.n_workers))
-        for w in range(self.n_workers):
-            contract = WorkerEnv(trainers_num=self.n_workers, trainer_id=w,
-                                 pservers=tuple(self.endpoints), trainer_endpoints=trainers,
-                                 current_endpoint=trainers[w], **common).to_environ()
-            self.workers.append(self._spawn("worker", w, contract))
-        return self.endpoints
+        contract = WorkerEnv(trainers_num=self.n_workers, trainer_id=rank,
+                             pservers=tuple(self.endpoints), trainer_endpoints=trainers,
+                             current_endpoint=trainers[rank], restart=restart,
+                             **self._common).to_environ()
+        if restart:  # keep the failed run's log beside the new one
+            log = self.log_dir / f"workerlog.{rank}"
+            if log.exists():
+                log.replace(self.log_dir / f"workerlog.{rank}.restart{restart - 1}")
+        return self._spawn("worker", rank, contract)
+
+    def _restart(self, child: Child) -> bool:
+        """Start a failed worker again if restarts are left (its process group is stopped first)."""
+        if child.role != "worker" or self.restarts >= self.max_restarts:
+            return False
+        self.restarts += 1
+        _signal(child, signal.SIGKILL)  # whatever the failed worker left in its group
+        child.popen.wait(timeout=10)
+        if not _group_alive(child):
+            self._tell_janitor(f"gone {child.popen.pid}")
+        if self.on_restart is not None:
+            self.on_restart(child, self.restarts)
+        self.workers[child.rank] = self._spawn_worker(child.rank, restart=self.restarts)
+        return True
 
     # -- supervising ---------------------------------------------------------------
     def _failed(self) -> Child | None:
@@ -278,6 +305,8 @@ class LocalJob:
         deadline = None if timeout is None else time.monotonic() + timeout
         while any(c.popen.poll() is None for c in self.workers):
             bad = self._failed()
+            if bad is not None and self._restart(bad):
+                continue
             if bad is not None:
                 self.stop()
                 raise LaunchError(f"{bad.describe()} failed ({bad.exit_text()}); stopped the other "
@@ -287,6 +316,8 @@ class LocalJob:
                 raise LaunchError(f"the job did not finish within {timeout:.0f}s; stopped it")
             time.sleep(0.05)
         bad = self._failed()
+        if bad is not None and self._restart(bad):
+            return self.wait(None if deadline is None else max(1.0, deadline - time.monotonic()))
         if bad is not None:
             self.stop()
             raise LaunchError(f"{bad.describe()} failed ({bad.exit_text()}); last lines of "

@@ -7,6 +7,7 @@ sigkill   `who` SIGKILLs itself
 hang      the workers never finish
 spawn     every worker starts a grandchild that ignores SIGTERM; `who` then exits 3
 late-fail `who` (a server) exits 1 a second after it was told to stop
+once      `who` SIGKILLs itself in its first run only (SHOAL_RESTART=0), mid-training
 """
 import json
 import os
@@ -54,6 +55,12 @@ if fleet.is_server():
         sys.exit(1)
     sys.exit(0)
 fleet.init_worker(nn.Layer())
+if me == who and action == "once" and os.environ.get("SHOAL_RESTART") == "0":
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGKILL)
+if action == "once":
+    with open(os.path.join(out, f"{me}.done.{os.environ['SHOAL_RESTART']}"), "w") as f:
+        f.write("ok")
 if action in ("hang", "spawn-hang"):
     while True:
         time.sleep(0.1)

@@ -260,3 +260,28 @@ def test_a_second_job_in_the_same_log_dir_is_refused(tmp_path):
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)
     assert not _orphans(token)
+
+
+def test_max_restarts_brings_a_killed_worker_back_and_the_job_finishes(tmp_path):
+    """An async job: worker 1 dies once, is restarted with SHOAL_RESTART=1, rejoins the running
+    job (tables kept, no init barrier) and everyone finishes."""
+    rc, _, stderr, out, token = _run(tmp_path, "once", "worker1",
+                                     extra=["--max_restarts", "2", "--strategy", "ps_async"])
+    assert rc == 0, stderr
+    assert "restarting it (1 of 2)" in stderr
+    assert sorted(p.name for p in out.glob("*.done.*")) == ["worker0.done.0", "worker1.done.1"]
+    assert (tmp_path / "log" / "workerlog.1.restart0").exists()
+    assert not _orphans(token)
+
+
+def test_without_restarts_left_the_job_fails(tmp_path):
+    rc, _, stderr, _, token = _run(tmp_path, "once", "worker1", extra=["--strategy", "ps_async"])
+    assert rc == 1 and "worker 1 (pid" in stderr and "SIGKILL" in stderr
+    assert not _orphans(token)
+
+
+def test_a_sync_job_refuses_a_restarted_worker_by_name(tmp_path):
+    rc, _, stderr, _, token = _run(tmp_path, "once", "worker1",
+                                   extra=["--max_restarts", "1", "--strategy", "ps_sync"])
+    assert rc == 1 and "cannot take a worker back" in stderr, stderr
+    assert not _orphans(token)

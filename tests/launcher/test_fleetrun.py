@@ -1,6 +1,7 @@
 """fleetrun, local backend, PS mode: the contract each role gets, failures, signals, bad args."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -110,17 +111,30 @@ def test_a_server_that_fails_while_stopping_fails_the_job(tmp_path):
     assert not _orphans(token)
 
 
-def test_a_killed_server_stops_the_job(tmp_path):
-    token = f"fleetrun-test-{os.getpid()}-srv"
+@contextlib.contextmanager
+def _running(tmp_path, n_servers: int, n_workers: int, action: str, ready: str):
+    """A fleetrun job of roles.py doing `action`, yielded once `ready` (a glob in its output
+    directory) matches; killed on the way out if it is still running."""
+    token = f"fleetrun-test-{os.getpid()}-{time.monotonic_ns()}"
     out = tmp_path / "out"
-    out.mkdir()
-    p = _fleetrun(["--server_num", 2, "--worker_num", 1, "--log_dir", tmp_path / "log", ROLES, out,
-                   "hang", "-"], env=_env(SHOAL_JOB_TOKEN=token))
+    out.mkdir(exist_ok=True)
+    p = _fleetrun(["--server_num", n_servers, "--worker_num", n_workers, "--log_dir",
+                   tmp_path / "log", ROLES, out, action, "-"], env=_env(SHOAL_JOB_TOKEN=token))
     try:
+        want = n_workers if ready == "worker*.json" else 1
         deadline = time.monotonic() + 60
-        while not (out / "worker0.json").exists():
-            assert time.monotonic() < deadline and p.poll() is None
+        while len(list(out.glob(ready))) < want:
+            assert time.monotonic() < deadline and p.poll() is None, p.stderr.read() if p.poll() else ""
             time.sleep(0.05)
+        yield p, out, token
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=10)
+
+
+def test_a_killed_server_stops_the_job(tmp_path):
+    with _running(tmp_path, 2, 1, "hang", "worker*.json") as (p, out, token):
         time.sleep(0.5)
         server = json.loads((out / "server1.json").read_text())
         pids = [pid for pid in _orphans(token) if _role_of(pid) == ("PSERVER", "1")]
@@ -129,9 +143,6 @@ def test_a_killed_server_stops_the_job(tmp_path):
         killed = time.monotonic()
         _, stderr = p.communicate(timeout=30)
         assert time.monotonic() - killed < 10
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == 1 and "server 1 (pid" in stderr and "SIGKILL" in stderr
     assert not _orphans(token)
 
@@ -146,21 +157,9 @@ def _role_of(pid: int):
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_to_fleetrun_stops_everything(tmp_path, sig, code):
-    token = f"fleetrun-test-{os.getpid()}-{int(sig)}"
-    out = tmp_path / "out"
-    out.mkdir()
-    p = _fleetrun(["--server_num", 1, "--worker_num", 2, "--log_dir", tmp_path / "log", ROLES, out,
-                   "hang", "-"], env=_env(SHOAL_JOB_TOKEN=token))
-    try:
-        deadline = time.monotonic() + 60
-        while len(list(out.glob("worker*.json"))) < 2:
-            assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.05)
+    with _running(tmp_path, 1, 2, "hang", "worker*.json") as (p, _, token):
         p.send_signal(sig)
         _, stderr = p.communicate(timeout=30)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert p.returncode == code, stderr
     assert not _orphans(token)
 
@@ -168,24 +167,12 @@ def test_a_signal_to_fleetrun_stops_everything(tmp_path, sig, code):
 def test_sigkill_of_fleetrun_itself_leaves_nothing_behind(tmp_path):
     """Children die with their parent; their own children (here one that ignores SIGTERM) are
     killed by the janitor that outlives fleetrun."""
-    token = f"fleetrun-test-{os.getpid()}-kill"
-    out = tmp_path / "out"
-    out.mkdir()
-    p = _fleetrun(["--server_num", 1, "--worker_num", 1, "--log_dir", tmp_path / "log", ROLES, out,
-                   "spawn-hang", "-"], env=_env(SHOAL_JOB_TOKEN=token))
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "grandchild0").exists():
-            assert time.monotonic() < deadline and p.poll() is None
-            time.sleep(0.05)
+    with _running(tmp_path, 1, 1, "spawn-hang", "grandchild0") as (p, _, token):
         p.kill()
         p.wait(timeout=10)
         deadline = time.monotonic() + 10
         while _orphans(token) and time.monotonic() < deadline:
             time.sleep(0.1)
-    finally:
-        if p.poll() is None:
-            p.kill()
     assert not _orphans(token)
 
 
@@ -241,22 +228,12 @@ def test_a_busy_start_port_gets_one_line_and_exit_2(tmp_path):
 
 
 def test_a_second_job_in_the_same_log_dir_is_refused(tmp_path):
-    token = f"fleetrun-test-{os.getpid()}-twice"
-    out = tmp_path / "out"
-    out.mkdir()
-    first = _fleetrun(["--server_num", 1, "--worker_num", 1, "--log_dir", tmp_path / "log", ROLES,
-                       out, "hang", "-"], env=_env(SHOAL_JOB_TOKEN=token))
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "worker0.json").exists():
-            assert time.monotonic() < deadline and first.poll() is None
-            time.sleep(0.05)
+    with _running(tmp_path, 1, 1, "hang", "worker*.json") as (first, _, token):
         second = _fleetrun(["--server_num", 1, "--worker_num", 1, "--log_dir", tmp_path / "log",
                             ROLES, tmp_path, "ok", "-"])
         _, stderr = second.communicate(timeout=60)
         assert second.returncode == 2 and "in use by another job" in stderr, stderr
         assert len(stderr.strip().splitlines()) == 1
-    finally:
         first.send_signal(signal.SIGTERM)
         first.communicate(timeout=30)
     assert not _orphans(token)

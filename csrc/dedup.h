@@ -2,6 +2,9 @@
 // kernels (shoal.kernels._fused): header-only, so each extension compiles its own copy.
 #pragma once
 
+#include <pybind11/numpy.h>
+
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
@@ -51,6 +54,21 @@ inline void dedup(const uint64_t* k, size_t n, int64_t* inv, std::vector<uint64_
             s = (s + 1) & mask;
         }
     }
+}
+
+// (uniq, inverse) of k[0..n) as numpy arrays (both bindings' unique_inverse); the GIL is
+// released while hashing, so the caller must hold it and keep `k` alive.
+inline pybind11::tuple unique_inverse_arrays(const uint64_t* k, size_t n) {
+    pybind11::array_t<int64_t> inv(static_cast<pybind11::ssize_t>(n));
+    std::vector<uint64_t> uniq;
+    int64_t* iv = inv.mutable_data();
+    {
+        pybind11::gil_scoped_release nogil;
+        dedup(k, n, iv, uniq);
+    }
+    pybind11::array_t<uint64_t> out(static_cast<pybind11::ssize_t>(uniq.size()));
+    if (!uniq.empty()) std::copy(uniq.begin(), uniq.end(), out.mutable_data());
+    return pybind11::make_tuple(out, inv);
 }
 
 }  // namespace shoal

@@ -267,18 +267,7 @@ PYBIND11_MODULE(_fused, m) {
             if (!keys_any.dtype().equal(py::dtype::of<uint64_t>()) || keys_any.ndim() != 1)
                 throw py::type_error("unique_inverse needs a 1-D uint64 array of keys");
             auto keys = py::array_t<uint64_t, py::array::c_style | py::array::forcecast>::ensure(keys_any);
-            const size_t n = static_cast<size_t>(keys.shape(0));
-            py::array_t<int64_t> inv(static_cast<py::ssize_t>(n));
-            std::vector<uint64_t> uniq;
-            const uint64_t* k = keys.data();
-            int64_t* iv = inv.mutable_data();
-            {
-                py::gil_scoped_release nogil;
-                shoal::dedup(k, n, iv, uniq);
-            }
-            py::array_t<uint64_t> out(static_cast<py::ssize_t>(uniq.size()));
-            if (!uniq.empty()) std::copy(uniq.begin(), uniq.end(), out.mutable_data());
-            return py::make_tuple(out, inv);
+            return shoal::unique_inverse_arrays(keys.data(), static_cast<size_t>(keys.shape(0)));
         },
         py::arg("keys"),
         "(uniq, inverse) with uniq[inverse] == keys, uniq in first-occurrence order; one hashing pass.");

@@ -728,16 +728,7 @@ Raises:
         "unique_inverse",
         [](const py::object& keys_obj) {
             auto keys = keys_arg(keys_obj);
-            const size_t n = static_cast<size_t>(keys.shape(0));
-            py::array_t<int64_t> inv(static_cast<py::ssize_t>(n));
-            std::vector<uint64_t> uniq;
-            const uint64_t* k = keys.data();
-            int64_t* iv = inv.mutable_data();
-            {
-                py::gil_scoped_release nogil;
-                dedup(k, n, iv, uniq);
-            }
-            return py::make_tuple(to_array(uniq), inv);
+            return shoal::unique_inverse_arrays(keys.data(), static_cast<size_t>(keys.shape(0)));
         },
         py::arg("keys"), R"doc(
 The distinct keys and, for each key, the index of its distinct key: one hashing pass, no sort.

@@ -8,28 +8,19 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from shoal.configs.cluster import ServerEnv, WorkerEnv
+from tests.ps.servers import stop_processes
 
 TOKEN = "fleet-test-token-0123456789"
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _stop(procs) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGTERM)
-    for p in procs:
-        try:
-            p.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait(timeout=10)
+_stop = stop_processes
 
 
 def _env(contract: dict) -> dict:

@@ -11,6 +11,19 @@ import time
 TOKEN = "test-token-0123456789"
 
 
+def stop_processes(procs) -> None:
+    """SIGTERM every process still running, then SIGKILL those not gone within 10 s."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait(timeout=10)
+
+
 @contextlib.contextmanager
 def running_servers(n: int, workdir, token: str = TOKEN, auth: str = "plain", extra_args=()):
     """Yield the endpoints of `n` servers (separate processes binding port 0).
@@ -45,12 +58,4 @@ def running_servers(n: int, workdir, token: str = TOKEN, auth: str = "plain", ex
                 endpoints.append(f.read().strip())
         yield endpoints, procs
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(timeout=10)
+        stop_processes(procs)

@@ -78,7 +78,7 @@ class Communicator:
         waiting = self._prefetched.get(table)
         if waiting and training:
             for i, (k, handle) in enumerate(waiting):
-                if k.shape == keys.shape and np.array_equal(k, keys):
+                if k is keys or (k.shape == keys.shape and np.array_equal(k, keys)):
                     del waiting[i]
                     rows = handle.wait()
                     self.prefetch_hits += 1

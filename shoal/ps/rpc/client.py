@@ -63,7 +63,8 @@ from shoal.ps.rpc.handle import Handle
 
 _log = logging.getLogger("shoal.ps.rpc.client")
 _SWEEP_S = 0.25    # how often the background thread fails overdue calls and collects unattended replies
-_LEAD_SLICE_S = 1.0  # the longest a leader sleeps in poll without re-checking (wake-ups normally come sooner)
+_LEAD_SLICE_S = 1.0
+_DROP_GRACE_S = 0.05  # after a disconnect, time for receivers to take in replies already delivered  # the longest a leader sleeps in poll without re-checking (wake-ups normally come sooner)
 _CLIENT_KEYS = ("op", "rid", "client")  # header fields the client fills in itself
 _MONITOR_EVENTS = (zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
                    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
@@ -129,6 +130,9 @@ class RpcClient:
         self._waiting: set[Handle] = set()
         self._states = [ConnState.CONNECTING] * len(self._endpoints)
         self._refusals = [""] * len(self._endpoints)
+        # server -> (when, rids): calls pending when its connection dropped, failed once replies
+        # that arrived before the drop have been read (a server that answers, then exits)
+        self._dropped: dict[int, tuple[float, set]] = {}
         self._closed = False
         # _sock_lock guards every call on the DEALER sockets; _rx_lock is held by the one
         # thread receiving (a waiting caller, or the monitor thread collecting unattended replies).
@@ -521,13 +525,16 @@ class RpcClient:
             poller.register(m, zmq.POLLIN)
         next_sweep = time.monotonic() + _SWEEP_S
         while not self._closed:
-            timeout_ms = max(0, int((next_sweep - time.monotonic()) * 1000)) + 1
+            wake_at = min([next_sweep] + [when for when, _ in self._dropped.values()])
+            timeout_ms = max(0, int((wake_at - time.monotonic()) * 1000)) + 1
             for obj, _ in poller.poll(timeout_ms):
                 if obj in mon_index:
                     self._on_monitor(obj, mon_index[obj])
                 else:
                     self._io_waker.clear()
             now = time.monotonic()
+            if any(when <= now for when, _ in self._dropped.values()):
+                self._fail_dropped(now)
             if now >= next_sweep:
                 self._collect()  # replies to calls nobody waits on (and late ones, to drop them)
                 self._sweep(now)
@@ -554,9 +561,26 @@ class RpcClient:
                     failed |= self._refuse(server, f"the {self._auth.value.upper()} handshake failed ({detail})")
                 elif kind == zmq.EVENT_DISCONNECTED and state is ConnState.READY:
                     self._states[server] = ConnState.LOST
-                    failed |= self._fail_server(server)
+                    rids = {rid for rid, h in self._pending.items() if h.server == server}
+                    if rids:
+                        self._dropped[server] = (time.monotonic() + _DROP_GRACE_S, rids)
+        self._rx_waker.wake()  # a receiver takes in what arrived; failed calls wake their waiters
+
+    def _fail_dropped(self, now: float) -> None:
+        """Fail the calls that were pending when a connection dropped, once the replies that had
+        already arrived were taken in (those calls completed normally)."""
+        self._collect()
+        failed = False
+        with self._lock:
+            for server in [s for s, (when, _) in self._dropped.items() if when <= now]:
+                _, rids = self._dropped.pop(server)
+                for rid in rids:
+                    h = self._pending.pop(rid, None)
+                    if h is not None:
+                        h._finish(error=self._down_error(server, h.op, sent=True))
+                        failed = True
         if failed:
-            self._rx_waker.wake()  # a receiving waiter may be among the failed
+            self._rx_waker.wake()
 
     def _refuse(self, server: int, why: str) -> bool:
         """Mark ``server`` refused and fail its calls (caller holds _lock); True if any failed."""

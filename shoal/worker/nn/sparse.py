@@ -134,14 +134,14 @@ class _SparseLayer(Layer):
         return lambda grad_rows: backend.push(table, uniq, grad_rows, shows=shows, clicks=clicks)
 
     def _lookup(self, keys: np.ndarray, bag: np.ndarray, n_bags: int, scale, direct: bool,
-                occurrence_labels) -> Tensor:
+                occurrence_labels, deduped=None) -> Tensor:
         backend = self.sparse_backend
         if backend is None:
             raise NoSparseBackendError(
                 f"{type(self).__name__}({self.table!r}) has no sparse backend: call "
                 f"fleet.init_worker() (or fleet.init() in local mode) before the first forward")
         training = self.training and is_grad_enabled()
-        uniq, inverse = self._be.unique_inverse(keys)
+        uniq, inverse = deduped if deduped is not None else self._be.unique_inverse(keys)
         rows = np.asarray(backend.pull(self.table, uniq, training=training), dtype=np.float32)
         if rows.shape != (len(uniq), self.dim):
             raise ShapeError(f"{type(self).__name__}({self.table!r}): the backend returned rows "
@@ -215,6 +215,7 @@ class EmbeddingBag(_SparseLayer):
             raise ValueError(f"EmbeddingBag({table!r}): pooling={pooling!r}; choose one of "
                              f"{list(_POOLINGS)}")
         self.pooling = pooling
+        self._dedup_cache: list = []  # (slots, prepared, deduped) of unique_keys, for the forward
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, pooling={self.pooling!r}"
@@ -253,18 +254,35 @@ class EmbeddingBag(_SparseLayer):
             raise ShapeError(f"EmbeddingBag({self.table!r}): got an empty list of slots")
         return parts, single
 
+    def _deduped(self, parts: list):
+        """(_prepare's result, (unique keys, inverse)) for `parts`. A prefetching loader asks for
+        the next batch's keys before its forward runs: the work done then is kept (for the last
+        two slot lists, recognised by identity) so the forward does not do it again."""
+        cache = self._dedup_cache
+        for entry in cache:
+            if len(entry[0]) == len(parts) and all(a is b for a, b in zip(entry[0], parts)):
+                cache.remove(entry)
+                return entry[1], entry[2]
+        prepared = self._prepare(parts)
+        return prepared, self._be.unique_inverse(prepared[0])
+
     def forward(self, slots, labels=None) -> Tensor:
         parts, single = self._parts(slots)
         self.last_inputs = parts  # lets a prefetching loader learn which slots feed this table
-        keys, bag, n, s, direct, scale, rows_of = self._prepare(parts)
+        (keys, bag, n, s, direct, scale, rows_of), deduped = self._deduped(parts)
         occ_labels = None if labels is None else \
             _labels(labels, n, f"EmbeddingBag({self.table!r})")[rows_of]
-        out = self._lookup(keys, bag, n * s, scale, direct, occ_labels)
+        out = self._lookup(keys, bag, n * s, scale, direct, occ_labels, deduped)
         return out if single else out.reshape([n, s, self.dim])
 
     def unique_keys(self, slots) -> np.ndarray:
         """The unique keys a forward over `slots` pulls, in its order (what a prefetch asks for)."""
-        return self._be.unique_inverse(self._prepare(self._parts(slots)[0])[0])[0]
+        parts = self._parts(slots)[0]
+        prepared, deduped = self._deduped(parts)
+        cache = self._dedup_cache
+        cache.append((parts, prepared, deduped))
+        del cache[:-2]
+        return deduped[0]
 
 
 def sparse_layers(model: Layer) -> list[_SparseLayer]:

@@ -13,6 +13,8 @@ tooling written for fleet keep working) plus Shoal's own SHOAL_*:
   PADDLE_CURRENT_ENDPOINT       this process's host:port (a server binds it; port 0 = any free port)
   POD_IP, PADDLE_PORT           a server's endpoint the Paddle way (instead of, or agreeing with,
                                 PADDLE_CURRENT_ENDPOINT)
+  PADDLE_MASTER                 collective worker: host:port of the job's rendezvous store (served
+                                by the launcher, or by rank 0 on the port given); unset in PS jobs
   SHOAL_SERVER_INDEX            server: its position in PADDLE_PSERVERS_IP_PORT_LIST; required when
                                 that list has port 0 entries (several servers may then read
                                 'host:0'), otherwise found from the server's endpoint
@@ -45,7 +47,7 @@ from shoal.configs.errors import ContractError
 CONTRACT_VARIABLES = (
     "TRAINING_ROLE", "PADDLE_TRAINER_ID", "PADDLE_TRAINERS_NUM", "PADDLE_PSERVERS_IP_PORT_LIST",
     "PADDLE_TRAINER_ENDPOINTS", "PADDLE_CURRENT_ENDPOINT", "POD_IP", "PADDLE_PORT",
-    "SHOAL_SERVER_INDEX", "SHOAL_ENDPOINT_REPORT", "SHOAL_JOB_TOKEN", "SHOAL_STRATEGY",
+    "PADDLE_MASTER", "SHOAL_SERVER_INDEX", "SHOAL_ENDPOINT_REPORT", "SHOAL_JOB_TOKEN", "SHOAL_STRATEGY",
     "SHOAL_LOG_DIR", "SHOAL_LAUNCH_T0", "SHOAL_RESTART", "SHOAL_AUTH",
 )
 _AMBIENT = frozenset({"POD_IP"})   # set in every Kubernetes pod: alone it does not mean a fleet job
@@ -200,6 +202,7 @@ class WorkerEnv(ClusterEnv):
     pservers: tuple[str, ...]            # the servers' real endpoints ('' in the env: none)
     trainer_endpoints: tuple[str, ...]   # every worker's endpoint, in rank order
     current_endpoint: str                # this worker's: trainer_endpoints[trainer_id]
+    master: str | None = None            # collective jobs: the rendezvous store's host:port
 
     @classmethod
     def _check(cls, v):
@@ -215,6 +218,8 @@ class WorkerEnv(ClusterEnv):
             out += _endpoint_problems("PADDLE_PSERVERS_IP_PORT_LIST", v["pservers"], real=True)
         if current is not None:
             out += _endpoint_problems("PADDLE_CURRENT_ENDPOINT", (current,), real=False)
+        if v.get("master") is not None:
+            out += _endpoint_problems("PADDLE_MASTER", (v["master"],), real=True)
         if workers is not None:
             out += _endpoint_problems("PADDLE_TRAINER_ENDPOINTS", workers, real=False)
             if _is_int(n) and len(workers) != n:
@@ -230,10 +235,13 @@ class WorkerEnv(ClusterEnv):
     def to_environ(self) -> dict[str, str]:
         """The variables to start this worker with (all str)."""
         host, _ = parse_endpoint(self.current_endpoint)
-        return {**self._common_environ(), "PADDLE_TRAINER_ID": str(self.trainer_id),
-                "PADDLE_PSERVERS_IP_PORT_LIST": ",".join(self.pservers),
-                "PADDLE_TRAINER_ENDPOINTS": ",".join(self.trainer_endpoints),
-                "PADDLE_CURRENT_ENDPOINT": self.current_endpoint, "POD_IP": host}
+        env = {**self._common_environ(), "PADDLE_TRAINER_ID": str(self.trainer_id),
+               "PADDLE_PSERVERS_IP_PORT_LIST": ",".join(self.pservers),
+               "PADDLE_TRAINER_ENDPOINTS": ",".join(self.trainer_endpoints),
+               "PADDLE_CURRENT_ENDPOINT": self.current_endpoint, "POD_IP": host}
+        if self.master is not None:
+            env["PADDLE_MASTER"] = self.master
+        return env
 
     @staticmethod
     def _read(r: _Reader) -> dict:
@@ -241,7 +249,8 @@ class WorkerEnv(ClusterEnv):
                     trainers_num=r.int("PADDLE_TRAINERS_NUM", minimum=1),
                     pservers=r.endpoints("PADDLE_PSERVERS_IP_PORT_LIST", allow_empty=True),
                     trainer_endpoints=r.endpoints("PADDLE_TRAINER_ENDPOINTS"),
-                    current_endpoint=r.endpoint("PADDLE_CURRENT_ENDPOINT"))
+                    current_endpoint=r.endpoint("PADDLE_CURRENT_ENDPOINT"),
+                    master=r.endpoint("PADDLE_MASTER", required=False))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -340,6 +349,7 @@ _MEANING = {
     "PADDLE_TRAINER_ENDPOINTS": "comma-separated host:port of every worker",
     "PADDLE_CURRENT_ENDPOINT": "this process's host:port",
     "SHOAL_SERVER_INDEX": "this server's position in PADDLE_PSERVERS_IP_PORT_LIST",
+    "PADDLE_MASTER": "host:port of the collective job's rendezvous store",
 }
 
 

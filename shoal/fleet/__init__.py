@@ -42,34 +42,44 @@ def _rt(what: str) -> PSRuntime:
 
 
 def init(role_maker=None, is_collective: bool = False, strategy: DistributedStrategy | None = None,
-         *, rpc_timeout: float = 60.0) -> None:
+         *, rpc_timeout: float = 60.0, collective_timeout: float | None = None) -> None:
     """Read this process's role from the environment (or enter local mode).
 
     Args:
         role_maker: accepted for Paddle compatibility; must be None (the role
             always comes from the environment contract).
-        is_collective: collective (data-parallel) training; not available in
-            this build of fleet yet.
+        is_collective: collective (data-parallel) training: join the collective
+            world (shoal.collective.init_parallel_env) instead of the servers;
+            distributed_model / distributed_optimizer then apply DataParallel
+            and the strategy's gradient merge.
         strategy: a DistributedStrategy; wins over SHOAL_STRATEGY's file.
         rpc_timeout: seconds any wait on the servers may take.
+        collective_timeout: collective mode: seconds the rendezvous and each collective may
+            take (default shoal.collective's, 300).
 
     Raises:
         ContractError: some contract variables are set and others missing or bad.
-        FleetError: a role_maker, or is_collective=True.
+        FleetError: a role_maker; is_collective=True in a server process.
     """
     global _runtime, _model
     if role_maker is not None:
         raise FleetError("fleet.init(role_maker=...): Shoal reads roles from the environment "
                          "contract (TRAINING_ROLE, PADDLE_*); pass role_maker=None")
-    if is_collective:
-        raise FleetError("fleet.init(is_collective=True): collective training is not part of this "
-                         "build yet; use the parameter-server mode (is_collective=False)")
     if strategy is not None and not isinstance(strategy, DistributedStrategy):
         raise FleetError(f"fleet.init: strategy must be a DistributedStrategy, got "
                          f"{type(strategy).__name__}")
     if _runtime is not None and _runtime.communicator is not None:
         raise FleetError("fleet.init() while a worker is running: call fleet.stop_worker() first")
-    _runtime = PSRuntime(strategy, ClusterEnv.detect(os.environ), rpc_timeout=rpc_timeout)
+    env = ClusterEnv.detect(os.environ)
+    if is_collective:
+        if env is not None and env.role.value != "TRAINER":
+            raise FleetError(f"fleet.init(is_collective=True) in a {env.role.value} process: a "
+                             f"collective job has only workers; start it with fleetrun "
+                             f"--nproc_per_node N (no --server_num)")
+        from shoal.fleet._collective import CollectiveRuntime
+        _runtime = CollectiveRuntime(strategy, env, timeout=collective_timeout)
+    else:
+        _runtime = PSRuntime(strategy, env, rpc_timeout=rpc_timeout)
     _model = None
 
 
@@ -114,16 +124,26 @@ def strategy() -> DistributedStrategy:
 
 
 def distributed_model(model):
-    """Remember `model` for init_worker() (whose tables it creates); returns it unchanged."""
+    """PS mode: remember `model` for init_worker() (whose tables it creates) and return it
+    unchanged. Collective mode: return it wrapped in DataParallel (parameters broadcast from
+    rank 0; gradients all-reduced in buckets of the strategy's fuse_grad_size_in_MB)."""
     global _model
-    _rt("distributed_model")
+    rt = _rt("distributed_model")
+    if getattr(rt, "collective", False):
+        _model = rt.distributed_model(model)
+        return _model
     _model = model
     return model
 
 
-def distributed_optimizer(optimizer, strategy: DistributedStrategy | None = None) -> DistributedOptimizer:
-    """Wrap the user's optimizer: its dense step runs on the servers (or locally in GEO)."""
+def distributed_optimizer(optimizer, strategy: DistributedStrategy | None = None):
+    """Wrap the user's optimizer. PS mode: its dense step runs on the servers (or locally in
+    GEO). Collective mode: the strategy's gradient transforms (gradient_merge) run before each
+    update; call distributed_model first so gradient merge can skip the all-reduce of the
+    micro-steps it merges."""
     rt = _rt("distributed_optimizer")
+    if getattr(rt, "collective", False):
+        return rt.distributed_optimizer(optimizer, strategy)
     rt.set_strategy(strategy, "fleet.distributed_optimizer")
     rt.optimizer = DistributedOptimizer(optimizer, rt)
     return rt.optimizer

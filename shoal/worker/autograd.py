@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import weakref
 
 import numpy as np
 
@@ -145,8 +146,70 @@ def _describe(node) -> str:
     return f"tensor {node.name or ''}".rstrip()
 
 
+# id(leaf tensor) -> (weak ref to it, hooks run right after a backward pass accumulated its
+# gradient); keyed by id because Tensor's == is elementwise (a WeakKeyDictionary would call it)
+_post_hooks: dict[int, tuple] = {}
+
+
+def _hooks_of(tensor) -> list:
+    entry = _post_hooks.get(id(tensor))
+    return entry[1] if entry is not None and entry[0]() is tensor else []
+
+
+class HookHandle:
+    """Returned by `register_post_accumulate_grad_hook`; `remove()` unregisters the hook."""
+
+    def __init__(self, tensor, hook):
+        self._tensor, self._hook = weakref.ref(tensor), hook
+
+    def remove(self) -> None:
+        t = self._tensor()
+        hooks = _hooks_of(t) if t is not None else []
+        if self._hook in hooks:
+            hooks.remove(self._hook)
+
+
+def register_post_accumulate_grad_hook(tensor, hook) -> HookHandle:
+    """Call `hook(tensor)` each time a backward pass has accumulated this leaf's gradient.
+
+    A leaf's gradient is accumulated once per backward pass, after every path to it has been
+    summed, so the hook sees the pass's final `.grad` (data parallel starts its all-reduce
+    there). Hooks run on the thread running backward, in registration order."""
+    if tensor._ctx is not None:
+        raise GradError("register_post_accumulate_grad_hook: the tensor is not a leaf (it was "
+                        "computed from others); register the hook on a parameter")
+    key = id(tensor)
+    entry = _post_hooks.get(key)
+    if entry is None or entry[0]() is not tensor:
+        entry = (weakref.ref(tensor, lambda _, k=key: _post_hooks.pop(k, None)), [])
+        _post_hooks[key] = entry
+    entry[1].append(hook)
+    return HookHandle(tensor, hook)
+
+
+def queue_callback(fn) -> None:
+    """Run `fn()` once the backward pass in progress on this thread has finished (from a hook).
+
+    Raises GradError outside a backward pass."""
+    pending = getattr(_mode, "callbacks", None)
+    if pending is None:
+        raise GradError("queue_callback() outside a backward pass: call it from a gradient hook")
+    pending.append(fn)
+
+
 def run_backward(root, grad, retain_graph: bool) -> None:
     """Propagate `grad` from `root` to every leaf that requires grad (accumulating)."""
+    outer = getattr(_mode, "callbacks", None)
+    _mode.callbacks = callbacks = []
+    try:
+        _run_backward(root, grad, retain_graph)
+    finally:
+        _mode.callbacks = outer
+    for fn in callbacks:
+        fn()
+
+
+def _run_backward(root, grad, retain_graph: bool) -> None:
     start = root if root._ctx is None else root._ctx
     grads = {id(start): grad}
     for node in reversed(_toposort(start)):
@@ -155,6 +218,9 @@ def run_backward(root, grad, retain_graph: bool) -> None:
             continue
         if not isinstance(node, Function):
             node._accumulate_grad(g)
+            if _post_hooks:
+                for hook in _hooks_of(node):
+                    hook(node)
             continue
         in_grads = node.backward(g)
         if not isinstance(in_grads, tuple):

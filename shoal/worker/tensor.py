@@ -201,6 +201,10 @@ class Tensor:
                                  f"tensor shape {self.shape}")
         autograd.run_backward(self, g, retain_graph)
 
+    def register_post_accumulate_grad_hook(self, hook) -> autograd.HookHandle:
+        """Call `hook(self)` after each backward pass has accumulated this leaf's `.grad`."""
+        return autograd.register_post_accumulate_grad_hook(self, hook)
+
     def detach(self) -> Tensor:
         """The same data, cut from the graph."""
         return Tensor._make(self.data)

@@ -1,0 +1,105 @@
+"""The gloo process group: CPU collectives through the binding to the system's Gloo (csrc/gloo.cpp).
+
+Arrays are numpy; a cupy array or a non-contiguous one is copied to a contiguous host array
+and the result copied back. Gloo writes straight into the array's memory with the GIL released,
+so the caller must not touch it until the operation is done (a Task's `wait()`).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shoal.collective._group import ProcessGroup, register_backend
+from shoal.collective.errors import BackendUnavailableError, RendezvousError
+
+_HOW_TO = ("the Gloo binding (shoal.collective._gloo) was not built: install the system's Gloo "
+           "(`apt-get install libgloo-dev` on Debian/Ubuntu, as root) and reinstall Shoal "
+           "(`pip install -e .`, or run ./scripts/test, which does both); or use the nccl backend "
+           "on GPUs")
+
+
+def _binding():
+    try:
+        from shoal.collective import _gloo
+    except ImportError as e:
+        raise BackendUnavailableError(f"{_HOW_TO} ({e})") from None
+    return _gloo
+
+
+class GlooGroup(ProcessGroup):
+    """Gloo over TCP; every socket binds `host`. Collectives of 256 KiB and more use the ring
+    all-reduce, smaller ones bcube (the binding picks)."""
+
+    name = "gloo"
+
+    def __init__(self, store, *, rank: int, ranks: list[int], host: str, timeout: float):
+        super().__init__(store, rank=rank, ranks=ranks, host=host, timeout=timeout)
+        g = self._gloo = _binding()
+        try:
+            self._ctx = g.Context(store, rank, self.size, host, int(timeout * 1000))
+        except g.GlooError as e:
+            raise RendezvousError(
+                f"gloo rendezvous of ranks {self.ranks} failed on rank {ranks[rank]} after up to "
+                f"{timeout:g}s: {e}; are all ranks started, with the same store and generation?"
+            ) from e
+
+    def _to_native(self, array):
+        if isinstance(array, np.ndarray):
+            if array.flags.c_contiguous and array.flags.writeable:
+                return array, None
+            native = np.ascontiguousarray(array)
+
+            def back():
+                np.copyto(array, native.reshape(array.shape))
+            return native, back
+        import cupy  # a cupy array: through host memory
+        native = np.ascontiguousarray(cupy.asnumpy(array))
+
+        def back():
+            array[...] = cupy.asarray(native.reshape(array.shape))
+        return native, back
+
+    def _all_reduce(self, arr, op):
+        self._ctx.allreduce(arr, op)
+
+    def _broadcast(self, arr, root):
+        self._ctx.broadcast(arr, root)
+
+    def _reduce(self, arr, root, op):
+        self._ctx.reduce(arr, root, op)
+
+    def _all_gather(self, inp, out):
+        self._ctx.allgather(inp, out)
+
+    def _scatter(self, inputs, out, root):
+        self._ctx.scatter(inputs, out, root)
+
+    def _reduce_scatter(self, inp, out, op):
+        self._ctx.reduce_scatter(inp, out, op)
+
+    def _alltoall(self, inp, out):
+        self._ctx.alltoall(inp, out)
+
+    def _barrier(self):
+        self._ctx.barrier()
+
+    def _send(self, arr, dst, tag):
+        self._ctx.send(arr, dst, tag)
+
+    def _recv(self, arr, src, tag):
+        self._ctx.recv(arr, src, tag)
+
+    def _close(self):
+        self._ctx.close()
+
+    def _failure_kind(self, error):
+        g = self._gloo
+        if isinstance(error, g.GlooTimeoutError):
+            return "timeout"
+        if isinstance(error, g.GlooIoError):
+            return "peer"
+        if isinstance(error, g.GlooError):
+            return "other"
+        return None
+
+
+register_backend("gloo", GlooGroup)

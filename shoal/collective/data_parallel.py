@@ -1,0 +1,205 @@
+"""DataParallel: replicas of a layer on every rank, gradients averaged during backward.
+
+    model = DataParallel(MyModel())          # rank 0's parameters are broadcast to every rank
+    loss = loss_fn(model(x), y); loss.backward()   # buckets all-reduced as they complete
+    opt.step(); opt.clear_grad()
+
+At construction the parameters and buffers are broadcast from the group's first rank, so
+replicas never start from different weights. Gradients are fused into buckets of
+`fuse_grad_size_in_MB` (parameters in reverse registration order, roughly the order backward
+produces them); a bucket is all-reduced asynchronously as soon as every gradient in it is
+ready, while backward goes on, and the buckets are always reduced in the same order on every
+rank (a bucket is started only after the buckets before it) so ranks never disagree on the
+sequence of collectives. At the end of backward the remaining buckets start (a parameter that
+got no gradient contributes zeros), every bucket is waited for, and each parameter's `.grad`
+becomes the average over ranks. `no_sync()` skips all of it for gradient accumulation: the
+next backward outside it reduces the accumulated gradients. `check_every=N` compares a
+checksum of every parameter across ranks every N forwards and raises ReplicaDriftError when a
+replica differs.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+
+import numpy as np
+
+from shoal.collective import _api
+from shoal.collective.errors import InvalidArgumentError, ReplicaDriftError
+from shoal.kernels import backend_of
+from shoal.worker import autograd
+from shoal.worker.nn.layer import Layer
+from shoal.worker.sparse import SparseGrad
+
+
+class _Bucket:
+    def __init__(self, index: int, params: list):
+        self.index, self.params = index, params
+        self.sizes = [int(p.data.size) for p in params]
+        self.dtype = params[0].dtype
+        self.ready: set[int] = set()
+        self.buffer = None
+        self.task = None
+
+
+class DataParallel(Layer):
+    """Wrap `layers` for data-parallel training over `group` (the world by default).
+
+    Args:
+        layers: the model (a Layer).
+        group: the process group (default: the world of init_parallel_env()).
+        fuse_grad_size_in_MB: the size of one fused gradient all-reduce (default 32).
+        check_every: compare parameter checksums across ranks every N forwards (0: never).
+
+    Raises NotInitializedError before init_parallel_env(), InvalidArgumentError for a bad
+    argument. Construction blocks until every rank of the group has built its replica."""
+
+    def __init__(self, layers: Layer, *, group=None, fuse_grad_size_in_MB: float = 32,
+                 check_every: int = 0, find_unused_parameters: bool = True):
+        super().__init__()
+        if not isinstance(layers, Layer):
+            raise InvalidArgumentError(f"DataParallel(layers): expected a Layer, got "
+                                       f"{type(layers).__name__}")
+        if not fuse_grad_size_in_MB > 0:
+            raise InvalidArgumentError(f"fuse_grad_size_in_MB={fuse_grad_size_in_MB}: give a size > 0")
+        if int(check_every) < 0:
+            raise InvalidArgumentError(f"check_every={check_every}: give 0 (never) or N >= 1")
+        self._layers = layers
+        object.__setattr__(self, "_group", _api._group(group))
+        object.__setattr__(self, "_check_every", int(check_every))
+        object.__setattr__(self, "_forwards", 0)
+        object.__setattr__(self, "_syncing", True)
+        object.__setattr__(self, "_pass_open", False)
+        object.__setattr__(self, "_next", 0)   # the next bucket to start
+        self._broadcast_state()
+        params = [p for p in layers.parameters() if p.requires_grad]
+        object.__setattr__(self, "_buckets", self._bucketize(params, fuse_grad_size_in_MB))
+        where = {}
+        for b in self._buckets:
+            for i, p in enumerate(b.params):
+                where[id(p)] = (b, i)
+        object.__setattr__(self, "_where", where)
+        object.__setattr__(self, "_hooks", [p.register_post_accumulate_grad_hook(self._on_grad)
+                                            for p in params])
+
+    # -- setup -----------------------------------------------------------------------
+    def _broadcast_state(self) -> None:
+        root = self._group.ranks[0]
+        tensors = list(self._layers.parameters()) + [b for _, b in self._layers.named_buffers()]
+        tasks = [_api.broadcast(t, root, self._group, sync_op=False) for t in tensors]
+        for t in tasks:
+            t.wait()
+
+    @staticmethod
+    def _bucketize(params, size_mb) -> list[_Bucket]:
+        limit = int(size_mb * (1 << 20))
+        buckets, current, used = [], [], 0
+        for p in reversed(params):
+            nbytes = p.data.size * p.data.itemsize
+            if current and (used + nbytes > limit or p.dtype != current[0].dtype or
+                            backend_of(p.data) is not backend_of(current[0].data)):
+                buckets.append(_Bucket(len(buckets), current))
+                current, used = [], 0
+            current.append(p)
+            used += nbytes
+        if current:
+            buckets.append(_Bucket(len(buckets), current))
+        return buckets
+
+    # -- the layer -------------------------------------------------------------------
+    def forward(self, *args, **kwargs):
+        if self._check_every and self.training:
+            object.__setattr__(self, "_forwards", self._forwards + 1)
+            if self._forwards % self._check_every == 0:
+                self.check_replicas()
+        return self._layers(*args, **kwargs)
+
+    def state_dict(self):
+        """The wrapped layer's state dict (the same keys as without DataParallel)."""
+        return self._layers.state_dict()
+
+    def set_state_dict(self, state_dict, strict: bool = True):
+        return self._layers.set_state_dict(state_dict, strict)
+
+    load_dict = set_state_dict
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        """Backward passes inside only accumulate locally; the next one outside reduces all."""
+        prev = self._syncing
+        object.__setattr__(self, "_syncing", False)
+        try:
+            yield
+        finally:
+            object.__setattr__(self, "_syncing", prev)
+
+    # -- gradients ---------------------------------------------------------------------
+    def _on_grad(self, param) -> None:
+        if not self._syncing:
+            return
+        if not self._pass_open:
+            object.__setattr__(self, "_pass_open", True)
+            autograd.queue_callback(self._finish_pass)
+        bucket, i = self._where[id(param)]
+        bucket.ready.add(i)
+        while self._next < len(self._buckets) and \
+                len(self._buckets[self._next].ready) == len(self._buckets[self._next].params):
+            self._start(self._buckets[self._next])
+
+    def _start(self, bucket: _Bucket) -> None:
+        xp = backend_of(bucket.params[0].data).xp
+        parts = []
+        for p in bucket.params:
+            g = p._grad
+            if g is None:
+                g = xp.zeros(p.data.shape, dtype=p.dtype)
+            elif isinstance(g, SparseGrad):
+                g = g.to_dense()
+            parts.append(g.reshape(-1))
+        bucket.buffer = xp.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        bucket.task = _api.all_reduce(bucket.buffer, "sum", self._group, sync_op=False)
+        object.__setattr__(self, "_next", self._next + 1)
+
+    def _finish_pass(self) -> None:
+        object.__setattr__(self, "_pass_open", False)
+        try:
+            while self._next < len(self._buckets):
+                self._start(self._buckets[self._next])
+            scale = 1.0 / self._group.size
+            for bucket in self._buckets:
+                bucket.task.wait()
+                flat, off = bucket.buffer, 0
+                flat *= scale
+                for p, n in zip(bucket.params, bucket.sizes):
+                    p._grad = flat[off:off + n].reshape(p.data.shape)
+                    off += n
+        finally:
+            object.__setattr__(self, "_next", 0)
+            for bucket in self._buckets:
+                bucket.ready.clear()
+                bucket.buffer = bucket.task = None
+
+    # -- drift -------------------------------------------------------------------------
+    def check_replicas(self) -> None:
+        """Raise ReplicaDriftError if any rank's parameters differ from the group's first rank.
+
+        A collective: every rank of the group must call it at the same point."""
+        named = list(self._layers.named_parameters())
+        sums = np.empty(len(named), dtype=np.int64)
+        for i, (_, p) in enumerate(named):
+            host = np.ascontiguousarray(backend_of(p.data).to_numpy(p.data))
+            sums[i] = np.frombuffer(hashlib.blake2b(host.tobytes(), digest_size=8).digest(),
+                                    np.int64)[0]
+        gathered: list = []
+        _api.all_gather(gathered, sums, self._group)
+        table = np.stack(gathered)
+        differ = table != table[0]
+        if differ.any():
+            ranks = [self._group.ranks[r] for r in np.flatnonzero(differ.any(axis=1))]
+            names = [named[i][0] for i in np.flatnonzero(differ.any(axis=0))][:5]
+            raise ReplicaDriftError(
+                f"data-parallel replicas drifted: rank(s) {ranks} hold parameters that differ from "
+                f"rank {self._group.ranks[0]}'s (first of them: {names}); something updated one "
+                f"replica alone (an optimizer step outside DataParallel, a non-deterministic op, "
+                f"or different data in a parameter-changing layer)")
+

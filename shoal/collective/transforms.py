@@ -1,0 +1,115 @@
+"""Gradient transforms: small functions between backward and the optimizer's update.
+
+A transform is called as `transform(params) -> bool` before each optimizer step, with the
+trainable parameters (their `.grad` set by backward, and by DataParallel already averaged over
+ranks); it may change the gradients in place and returns False to skip this step's update.
+`TransformedOptimizer` chains them in the order given, as the strategy lists them (STYLE.md
+§9: plain pieces in a visible order, no meta-optimizer search):
+
+    opt = TransformedOptimizer(Adam(1e-3, parameters=model.parameters()),
+                               [gradient_merge(k_steps=4, avg=True)], model=dp_model)
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from shoal.collective.errors import InvalidArgumentError
+from shoal.worker.sparse import SparseGrad
+
+GradTransform = Callable[[list], bool]
+
+
+class gradient_merge:
+    """Apply one update per `k_steps` steps, on the gradients of all k (averaged when `avg`).
+
+    The k backward passes accumulate into `.grad` (TransformedOptimizer keeps clear_grad from
+    dropping them in between); the update of the k-th step sees their sum, divided by k with
+    `avg`. With DataParallel, only the k-th backward all-reduces (`wants_sync`), so k micro-
+    batches cost one reduction: k steps of batch b equal one step of batch k*b."""
+
+    def __init__(self, k_steps: int, avg: bool = True):
+        if not isinstance(k_steps, int) or isinstance(k_steps, bool) or k_steps < 1:
+            raise InvalidArgumentError(f"gradient_merge(k_steps={k_steps!r}): give an int >= 1")
+        self.k_steps, self.avg, self.count = k_steps, bool(avg), 0
+
+    def wants_sync(self) -> bool:
+        """Whether the coming backward pass is the last of a merge (the one to all-reduce)."""
+        return (self.count + 1) % self.k_steps == 0
+
+    def __call__(self, params) -> bool:
+        self.count += 1
+        if self.count % self.k_steps:
+            return False
+        if self.avg and self.k_steps > 1:
+            scale = 1.0 / self.k_steps
+            for p in params:
+                g = p._grad
+                if isinstance(g, SparseGrad):
+                    p._grad = SparseGrad(g.ids, g.rows * scale, g.shape)
+                elif g is not None:
+                    p._grad = g * scale
+        return True
+
+    def state_dict(self) -> dict:
+        return {"count": self.count}
+
+    def set_state_dict(self, state: dict) -> None:
+        self.count = int(state["count"])
+
+
+class TransformedOptimizer:
+    """`optimizer` with gradient transforms run, in order, before each update.
+
+    `step()` runs the transforms; if one returns False the update is skipped and the next
+    `clear_grad()` keeps the gradients (they are still being merged). `model` (a DataParallel)
+    is told before each backward whether to all-reduce: only when every transform that has a
+    `wants_sync` wants it. Other attributes are the wrapped optimizer's."""
+
+    def __init__(self, optimizer, transforms: Sequence[GradTransform], *, model=None):
+        for t in transforms:
+            if not callable(t):
+                raise InvalidArgumentError(f"TransformedOptimizer: transform {t!r} is not callable")
+        self._inner, self._transforms, self._model = optimizer, list(transforms), model
+        self._applied = True
+        self._set_sync()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    @property
+    def inner(self):
+        return self._inner
+
+    def _set_sync(self) -> None:
+        if self._model is not None and hasattr(self._model, "_syncing"):
+            sync = all(t.wants_sync() for t in self._transforms if hasattr(t, "wants_sync"))
+            object.__setattr__(self._model, "_syncing", sync)
+
+    def step(self) -> None:
+        params = [p for p in self._inner._params if getattr(p, "trainable", True)]
+        self._applied = all(t(params) for t in self._transforms)
+        if self._applied:
+            self._inner.step()
+        self._set_sync()
+
+    def clear_grad(self, set_to_zero: bool = False) -> None:
+        if self._applied:
+            self._inner.clear_grad(set_to_zero)
+
+    def minimize(self, loss) -> None:
+        loss.backward()
+        self.step()
+
+    def state_dict(self) -> dict:
+        out = dict(self._inner.state_dict())
+        out["transforms"] = [t.state_dict() if hasattr(t, "state_dict") else {}
+                             for t in self._transforms]
+        return out
+
+    def set_state_dict(self, state: dict) -> None:
+        state = dict(state)
+        for t, s in zip(self._transforms, state.pop("transforms", [])):
+            if hasattr(t, "set_state_dict"):
+                t.set_state_dict(s)
+        self._inner.set_state_dict(state)
+        self._set_sync()

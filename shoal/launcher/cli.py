@@ -21,8 +21,8 @@ from pathlib import Path
 
 from shoal.configs.cluster import parse_endpoint
 from shoal.configs.errors import ConfigError
-from shoal.launcher.errors import LaunchError
-from shoal.launcher.local import LocalJob, LogDirBusyError
+from shoal.launcher.errors import LaunchError, StoreBindError
+from shoal.launcher.local import CollectiveJob, LocalJob, LogDirBusyError
 
 _ENV_PREFIX = "SHOAL_FLEETRUN_"
 # (flag, type, default, help); both spellings (--server_num, --server-num) are accepted
@@ -39,7 +39,8 @@ _FLAGS = [
     ("log_dir", str, "log", "directory of workerlog.N, serverlog.N, endpoints.log"),
     ("strategy", str, None, "a strategy YAML file or a preset name (ps_sync, ps_async, ...)"),
     ("start_port", int, None, "servers bind start_port, start_port+1, ... (default: free ports)"),
-    ("max_restarts", int, 0, "restart failed workers up to N times in all (async and GEO jobs)"),
+    ("max_restarts", int, 0, "restart failed workers up to N times in all (PS: async and GEO jobs; "
+                             "collective: every rank restarts, under a new rendezvous)"),
     ("job_id", str, "default", "a name for the job (log lines, Ray)"),
     ("backend", str, "local", "where processes run: local or ray"),
     ("ray_address", str, None, "Ray backend: the cluster address (default RAY_ADDRESS)"),
@@ -101,15 +102,14 @@ def _check(args) -> argparse.Namespace:
     if ps and coll:
         raise UsageError(f"--{ps[0]} (parameter-server mode) and --{coll[0]} (collective mode) "
                          f"cannot be used together; give the flags of one mode")
-    if not ps:
-        raise UsageError("collective mode (no --server_num/--worker_num/--servers/--workers) is "
-                         "not available in this build yet; start a PS job with --server_num N "
-                         "--worker_num M")
+    args.collective = not ps
     if args.backend != "local":
         raise UsageError(f"--backend {args.backend!r}: only the local backend is available in this "
                          f"build (the Ray backend is not yet)")
     if args.max_restarts < 0:
         raise UsageError(f"--max_restarts {args.max_restarts} must be >= 0")
+    if args.collective:
+        return _check_collective(args)
     if args.servers is not None:
         endpoints = [e.strip() for e in args.servers.split(",") if e.strip()]
         for e in endpoints:
@@ -146,6 +146,10 @@ def _check(args) -> argparse.Namespace:
                              f"{flag.split('_')[0]}; give --{flag} N with N >= 1")
     if args.start_port is not None and not 1 <= args.start_port <= 65535 - args.server_num:
         raise UsageError(f"--start_port {args.start_port} must lie in [1, {65535 - args.server_num}]")
+    return _check_common(args)
+
+
+def _check_common(args) -> argparse.Namespace:
     if not Path(args.script).is_file():
         raise UsageError(f"script {args.script!r} does not exist")
     try:
@@ -153,6 +157,46 @@ def _check(args) -> argparse.Namespace:
     except OSError as e:
         raise UsageError(f"--log_dir {args.log_dir}: {e.strerror or e}") from None
     return args
+
+
+def _check_collective(args) -> argparse.Namespace:
+    """Collective mode: --nproc_per_node / --devices, one node (--ips of this machine only)."""
+    if args.devices is not None and args.gpus is not None and args.devices != args.gpus:
+        raise UsageError(f"--devices {args.devices} and --gpus {args.gpus} disagree; give one")
+    devices = args.devices if args.devices is not None else args.gpus
+    args.device_list = None
+    if devices is not None:
+        args.device_list = [d.strip() for d in devices.split(",") if d.strip()]
+        if not args.device_list or not all(d.isdigit() for d in args.device_list):
+            raise UsageError(f"--devices {devices!r}: give device ids such as 0,1")
+        if args.nproc_per_node is not None and args.nproc_per_node != len(args.device_list):
+            raise UsageError(f"--nproc_per_node {args.nproc_per_node} disagrees with the "
+                             f"{len(args.device_list)} devices of --devices {devices}")
+        args.nproc_per_node = len(args.device_list)
+    if args.nproc_per_node is None:
+        args.nproc_per_node = 1
+    if args.nproc_per_node < 1:
+        raise UsageError(f"--nproc_per_node {args.nproc_per_node}: a collective job needs at least "
+                         f"one process; give --nproc_per_node N with N >= 1")
+    if args.ips is not None:
+        ips = [ip.strip() for ip in args.ips.split(",") if ip.strip()]
+        far = [ip for ip in ips if ip not in _LOCAL_HOSTS]
+        if far or len(ips) > 1:
+            raise UsageError(f"--ips {args.ips}: only this machine ({', '.join(_LOCAL_HOSTS)}) in "
+                             f"this build; jobs over several nodes are not available yet")
+    if args.master is not None:
+        try:
+            host, _ = parse_endpoint(args.master)
+        except ValueError as err:
+            raise UsageError(f"--master: {err}") from None
+        if host not in _LOCAL_HOSTS:
+            raise UsageError(f"--master {args.master}: only this machine ({', '.join(_LOCAL_HOSTS)}) "
+                             f"in this build; jobs over several nodes are not available yet")
+    elif args.start_port is not None:
+        if not 1 <= args.start_port <= 65535:
+            raise UsageError(f"--start_port {args.start_port} must lie in [1, 65535]")
+        args.master = f"127.0.0.1:{args.start_port}"  # the rendezvous store binds it
+    return _check_common(args)
 
 
 def _strategy_path(name: str | None) -> str | None:
@@ -200,20 +244,34 @@ class _Tail(threading.Thread):
             self.done.wait(0.1)
 
 
-def run(args) -> int:
+def _job(args):
+    """The supervisor of the job the arguments describe, and the server ports it binds."""
+    common = dict(log_dir=args.log_dir, token=os.environ.get("SHOAL_JOB_TOKEN"),
+                  strategy_path=_strategy_path(args.strategy), max_restarts=args.max_restarts)
+    if args.collective:
+        def restarting(child, n):
+            print(f"fleetrun: rank {child.rank} failed ({child.exit_text()}); restarting every rank "
+                  f"({n} of {args.max_restarts}) under rendezvous generation {n}; the failed run's "
+                  f"logs are workerlog.N.restart{n - 1}", file=sys.stderr, flush=True)
+        return CollectiveJob(args.script, args.script_args, nprocs=args.nproc_per_node,
+                             master=args.master, devices=args.device_list, on_restart=restarting,
+                             **common), None
     ports = None
     if args.server_endpoints is not None:
         ports = [int(e.rsplit(":", 1)[1]) for e in args.server_endpoints]
     elif args.start_port is not None:
         ports = [args.start_port + i for i in range(args.server_num)]
     job = LocalJob(args.script, args.script_args, n_servers=args.server_num,
-                   n_workers=args.worker_num, log_dir=args.log_dir,
-                   token=os.environ.get("SHOAL_JOB_TOKEN"), strategy_path=_strategy_path(args.strategy),
-                   ports=ports, max_restarts=args.max_restarts,
+                   n_workers=args.worker_num, ports=ports,
                    on_restart=lambda child, n: print(
                        f"fleetrun: {child.describe()} failed ({child.exit_text()}); restarting it "
                        f"({n} of {args.max_restarts}); its log so far is {child.log}.restart{n - 1}",
-                       file=sys.stderr, flush=True))
+                       file=sys.stderr, flush=True), **common)
+    return job, ports
+
+
+def run(args) -> int:
+    job, ports = _job(args)
     stopping = {"signal": None}
 
     def on_signal(sig, _frame):
@@ -238,6 +296,9 @@ def run(args) -> int:
               f"the job is stopped", file=sys.stderr)
         return 128 + int(stopping["signal"])
     except LogDirBusyError as e:
+        print(f"fleetrun: {e}", file=sys.stderr)
+        return 2
+    except StoreBindError as e:  # the rendezvous store could not bind --master / --start_port
         print(f"fleetrun: {e}", file=sys.stderr)
         return 2
     except LaunchError as e:

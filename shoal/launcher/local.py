@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shoal.configs.cluster import CONTRACT_VARIABLES, ServerEnv, WorkerEnv
-from shoal.launcher.errors import LaunchError
+from shoal.launcher.errors import LaunchError, StoreBindError
 
 _PR_SET_PDEATHSIG = 1
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
@@ -137,9 +137,7 @@ class LocalJob:
                  host: str = "127.0.0.1", env: dict | None = None, start_timeout: float = 60.0,
                  grace: float = 5.0, python: str = sys.executable, ports: list[int] | None = None,
                  max_restarts: int = 0, on_restart=None):
-        if n_servers < 1 or n_workers < 1:
-            raise LaunchError(f"a PS job needs at least one server and one worker, got "
-                              f"--server_num {n_servers} --worker_num {n_workers}")
+        self._check_sizes(n_servers, n_workers)
         self.script, self.script_args = str(script), [str(a) for a in script_args]
         self.n_servers, self.n_workers = n_servers, n_workers
         self.log_dir = Path(log_dir)
@@ -163,6 +161,12 @@ class LocalJob:
         self._signalled: set[int] = set()  # pids this supervisor sent a signal to
 
     # -- starting ------------------------------------------------------------------
+    @staticmethod
+    def _check_sizes(n_servers: int, n_workers: int) -> None:
+        if n_servers < 1 or n_workers < 1:
+            raise LaunchError(f"a PS job needs at least one server and one worker, got "
+                              f"--server_num {n_servers} --worker_num {n_workers}")
+
     def _base_env(self) -> dict:
         # the parent's contract and fleetrun flags stay behind; other settings (SHOAL_PROGRESS, ...) pass
         env = {k: v for k, v in os.environ.items()
@@ -386,3 +390,82 @@ class LocalJob:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class CollectiveJob(LocalJob):
+    """Run `script` as a collective job of `nprocs` ranks on this machine.
+
+    The supervisor serves the job's rendezvous store itself (bound to `master`, 'host:port',
+    or to a free port of `host`) and gives every rank PADDLE_MASTER. With `devices`, rank i
+    sees only device devices[i] (CUDA_VISIBLE_DEVICES). A failed rank with restarts left
+    restarts the whole job: every rank is stopped and started again with the next restart
+    generation (SHOAL_RESTART), under which they rendezvous afresh (a failed Gloo or NCCL
+    context cannot be reused); the store keeps serving. Otherwise as LocalJob."""
+
+    def __init__(self, script, script_args=(), *, nprocs: int, log_dir, master: str | None = None,
+                 devices: list[str] | None = None, **kw):
+        if devices is not None and len(devices) != nprocs:
+            raise LaunchError(f"{len(devices)} devices for {nprocs} processes; give one device per "
+                              f"process")
+        super().__init__(script, script_args, n_servers=0, n_workers=nprocs, log_dir=log_dir, **kw)
+        self.master, self.devices = master, devices
+        self.store = None
+        self.generation = 0
+
+    @staticmethod
+    def _check_sizes(n_servers: int, n_workers: int) -> None:
+        if n_workers < 1:
+            raise LaunchError(f"a collective job needs at least one process, got --nproc_per_node "
+                              f"{n_workers}")
+
+    def _start(self) -> list[str]:
+        from shoal.collective import RendezvousError, StoreServer
+        from shoal.configs.cluster import parse_endpoint
+        self._take_log_dir()
+        self._janitor = subprocess.Popen([self.python, "-c", _JANITOR], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+        host, port = parse_endpoint(self.master) if self.master else (self.host, 0)
+        try:
+            self.store = StoreServer(host, port, token=self.token)
+        except RendezvousError as e:
+            raise StoreBindError(str(e)) from e
+        (self.log_dir / "endpoints.log").write_text(f"master {self.store.endpoint}\n")
+        self._common = dict(job_token=self.token, strategy_path=self.strategy_path,
+                            log_dir=str(self.log_dir), launch_t0=self.launch_t0)
+        for rank in range(self.n_workers):
+            self.workers.append(self._spawn_worker(rank, restart=0))
+        return [self.store.endpoint]
+
+    def _spawn_worker(self, rank: int, restart: int) -> Child:
+        trainers = tuple(f"{self.host}:0" for _ in range(self.n_workers))
+        contract = WorkerEnv(trainers_num=self.n_workers, trainer_id=rank, pservers=(),
+                             trainer_endpoints=trainers, current_endpoint=trainers[rank],
+                             master=self.store.endpoint, restart=restart,
+                             **self._common).to_environ()
+        contract["SHOAL_MASTER_SERVED"] = "launcher"
+        if self.devices is not None:
+            contract["CUDA_VISIBLE_DEVICES"] = str(self.devices[rank])
+        if restart:
+            log = self.log_dir / f"workerlog.{rank}"
+            if log.exists():
+                log.replace(self.log_dir / f"workerlog.{rank}.restart{restart - 1}")
+        return self._spawn("worker", rank, contract)
+
+    def _restart(self, child: Child) -> bool:
+        """Restart every rank under the next generation, if restarts are left."""
+        if self.restarts >= self.max_restarts:
+            return False
+        self.restarts += 1
+        self.generation += 1
+        if self.on_restart is not None:
+            self.on_restart(child, self.restarts)
+        self.stop()
+        self.workers = [self._spawn_worker(r, restart=self.generation) for r in range(self.n_workers)]
+        return True
+
+    def close(self) -> None:
+        super().close()
+        if self.store is not None:
+            self.store.close()
+            self.store = None

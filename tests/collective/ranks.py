@@ -143,3 +143,39 @@ def world_info() -> dict:
     keep = ("PADDLE_", "SHOAL_", "TRAINING_ROLE")
     return {"rank": dist.get_rank(), "size": dist.get_world_size(),
             "env": {k: v for k, v in os.environ.items() if k.startswith(keep)}}
+
+
+def nccl_ops(n: int) -> dict:
+    """The nccl backend on cupy arrays (each rank on its own GPU), and numpy through it."""
+    import os
+
+    import cupy
+
+    import shoal.collective as dist
+    rank = int(os.environ["PADDLE_TRAINER_ID"])
+    cupy.cuda.Device(rank % cupy.cuda.runtime.getDeviceCount()).use()
+    dist.init_parallel_env("nccl", timeout=30)
+    r, w = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for dt in DTYPES:
+        x = cupy.asarray(value(r, dt, n))
+        dist.all_reduce(x, "max")
+        out[f"all_reduce/max/{dt}"] = cupy.asnumpy(x)
+        gathered: list = []
+        dist.all_gather(gathered, cupy.asarray(value(r, dt, n)))
+        out[f"all_gather/{dt}"] = np.stack([cupy.asnumpy(g) for g in gathered])
+        y = cupy.zeros(n, dt)
+        dist.reduce_scatter(y, [cupy.asarray(value(r, dt, n, salt=i)) for i in range(w)])
+        out[f"reduce_scatter/{dt}"] = cupy.asnumpy(y)
+        b = cupy.asarray(value(r, dt, n))
+        dist.broadcast(b, src=0)
+        out[f"broadcast/{dt}"] = cupy.asnumpy(b)
+        received: list = []
+        dist.alltoall([cupy.asarray(value(r, dt, n, salt=10 * j)) for j in range(w)], received)
+        out[f"alltoall/{dt}"] = np.stack([cupy.asnumpy(a) for a in received])
+    host = value(r, "float32", n)
+    dist.all_reduce(host)   # a numpy array through the device
+    out["host"] = host
+    dist.barrier()
+    dist.destroy_process_group()
+    return out

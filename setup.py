@@ -1,8 +1,9 @@
 """Declares the C++ extensions of csrc/; all metadata lives in setup.cfg."""
+import os
+
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 
-# The Gloo binding (collectives) is declared here when its issue lands.
 ext_modules = [
     # The uint64 key -> row hash map of the parameter server's sparse tables.
     Pybind11Extension("shoal.ps._keymap", ["csrc/keymap.cpp"], cxx_std=17, extra_compile_args=["-O3"]),
@@ -14,5 +15,12 @@ ext_modules = [
     Pybind11Extension("shoal.worker.data._multislot", ["csrc/multislot.cpp"], cxx_std=17,
                       extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"]),
 ]
+
+# The Gloo binding (collectives) links the system's libgloo (Debian: apt-get install libgloo-dev,
+# which scripts/_install.sh does when run as root). Without its headers the binding is left out
+# rather than failing the whole install: the parameter-server side needs no Gloo.
+if os.path.exists("/usr/include/gloo/context.h"):
+    ext_modules.append(Pybind11Extension("shoal.collective._gloo", ["csrc/gloo.cpp"], cxx_std=17,
+                                         libraries=["gloo"], extra_compile_args=["-O3"]))
 
 setup(ext_modules=ext_modules, cmdclass={"build_ext": build_ext})

@@ -225,7 +225,7 @@ def main(argv=None) -> int:
     train_set.preload_into_memory()  # parses on its own threads while the worker connects
     fleet.init_worker(model)
     rank = fleet.worker_index()
-    start_step = 0
+    start_step = fleet.restart_step()  # a restarted worker of a sync job: where the others are
     if args.resume:
         extra = fleet.load_model(args.resume)
         start_step = int(extra.get("step", 0))

@@ -219,6 +219,12 @@ def all_to_all(parts: list) -> list:
     return rt.exchange(parts)
 
 
+def restart_step() -> int:
+    """The training step a restarted worker of a sync or half-async job resumes at (the step the
+    other workers wait at; skip that many batches of this worker's data); 0 otherwise."""
+    return getattr(_rt("restart_step"), "restart_step", 0)
+
+
 def communicator():
     """This worker's communicator (for its wait times), or None before init_worker."""
     return _rt("communicator").communicator
@@ -228,5 +234,6 @@ __all__ = ["init", "is_server", "is_worker", "is_first_worker", "worker_index", 
            "server_num", "is_local", "strategy", "distributed_model", "distributed_optimizer",
            "init_server", "run_server", "init_worker", "stop_worker", "flush", "barrier_worker",
            "save_persistables", "load_model", "shrink", "reduce_sum", "all_to_all", "communicator",
+           "restart_step",
            "prefetched",
            "DistributedOptimizer", "DistributedStrategy", "FleetError"]

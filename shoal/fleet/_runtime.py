@@ -58,6 +58,7 @@ class PSRuntime:
         self.model = None
         self.flat: FlatParams | None = None
         self.exchange = None  # worker-to-worker all_to_all, started by the first global_shuffle
+        self.restart_step = 0  # a restarted worker of a sync/half-async job: the step to resume at
         if self.local and not quiet:
             print(_local_line(self.strategy), file=sys.stderr, flush=True)
 
@@ -151,7 +152,8 @@ class PSRuntime:
         """Every worker meets at `name` (on server 0). A name is reused from one phase to the next
         (a gathering ends when all arrived), so a restarted worker meets the others at their next."""
         if self.worker_num() > 1:
-            self.client.barrier(name, self.worker_num(), self.rpc_timeout)
+            self.client.barrier(name, self.worker_num(), self.rpc_timeout,
+                                member=self.worker_index())
 
     def init_worker(self, model) -> None:
         self._need(True, "init_worker")
@@ -186,6 +188,7 @@ class PSRuntime:
             if flat.size:
                 flat.load(client.pull_dense(DENSE_TABLE))
             self.communicator = self._communicator(client, specs)
+            self.communicator.steps = self.restart_step
         except BaseException:
             client.close()
             self.client = None
@@ -198,16 +201,39 @@ class PSRuntime:
         bind_sparse_backend(model, self.communicator)
 
     def _rejoin(self, client: PSClient, specs) -> None:
-        """A restarted worker (SHOAL_RESTART > 0) joins a running job: the tables exist, the
-        others are past init. Only modes without per-step meetings can take it back."""
-        mode = self.strategy.communicator_mode
-        if mode not in (CommMode.ASYNC, CommMode.GEO):
-            raise FleetError(f"worker {self.worker_index()} was restarted (generation "
-                             f"{self.env.restart}), but a {_MODE_NAMES[mode]} job cannot take a "
-                             f"worker back mid-run (its steps are counted together); restarts work "
-                             f"in async and GEO modes, otherwise resume the job from a checkpoint")
+        """A restarted worker (SHOAL_RESTART > 0) joins a running job: the tables exist. Async
+        and GEO jobs take it back at once. In sync and half-async jobs the others wait for it at
+        a per-step barrier (or at init): it finds that barrier on server 0 and resumes at its step
+        (`restart_step`), so every worker still runs the same steps; its predecessor's partial
+        pushes of that step are replaced, not added (servers key a step's parts by rank)."""
         for spec in specs:
             client.register_table(spec)
+        mode = self.strategy.communicator_mode
+        if mode in (CommMode.SYNC, CommMode.HALF_ASYNC) and self.worker_num() > 1:
+            # sync names a step's barrier by the step; half-async by the step count after it
+            self.restart_step = self._find_step(client, *(("sync-step-", 0) if mode is CommMode.SYNC
+                                                          else ("half-async-step-", 1)))
+
+    def _find_step(self, client: PSClient, prefix: str, after: int) -> int:
+        """The step the other workers are waiting at (polling server 0's open barriers)."""
+        me, deadline = self.worker_index(), time.monotonic() + self.rpc_timeout
+        while True:
+            open_ = client.gatherings("")
+            if "init-worker" in open_:  # the predecessor died before init: meet them there
+                self.barrier("init-worker")
+                return 0
+            steps = {int(name[len(prefix):]): g for name, g in open_.items()
+                     if name.startswith(prefix) and name[len(prefix):].isdigit()}
+            if steps:
+                name = min(steps)
+                # the predecessor arrived there before it died: its pushes of that step are in
+                return name - after + (1 if me in steps[name]["members"] else 0)
+            if time.monotonic() > deadline:
+                raise FleetError(f"worker {me} was restarted (generation {self.env.restart}) into a "
+                                 f"{prefix.split('-step')[0]} job, but no other worker reached a "
+                                 f"step barrier within {self.rpc_timeout}s to rejoin at; are the "
+                                 f"other workers still running?")
+            time.sleep(0.05)
 
     def _communicator(self, client: PSClient, specs) -> Communicator:
         mode = CommMode.SYNC if self.local else self.strategy.communicator_mode

@@ -261,10 +261,21 @@ class PSClient:
         self._wait_all([self._push(s, "push_delta", {"table": table}, [p]) for s, p in enumerate(parts)])
 
     # -- coordination ------------------------------------------------------------------
-    def barrier(self, name: str, count: int, timeout: float = 60.0) -> None:
-        """Return once `count` callers reached barrier `name` (on server 0)."""
-        self.rpc.call(0, "barrier", {"name": name, "count": count, "timeout": timeout},
-                      timeout=timeout + 5.0)
+    def barrier(self, name: str, count: int, timeout: float = 60.0, *,
+                member: int | None = None) -> None:
+        """Return once `count` callers reached barrier `name` (on server 0). A caller that gives
+        its rank as `member` counts once however often it arrives (a restarted worker meeting
+        the others where its predecessor already had)."""
+        header = {"name": name, "count": count, "timeout": timeout}
+        if member is not None:
+            header["member"] = member
+        self.rpc.call(0, "barrier", header, timeout=timeout + 5.0)
+
+    def gatherings(self, prefix: str = "", timeout: float = 10.0) -> dict:
+        """The barriers and reduces open on server 0 whose names start with `prefix`:
+        name -> {"count", "arrived", "members"}."""
+        header, _ = self.rpc.call(0, "gatherings", {"prefix": prefix}, timeout=timeout)
+        return header["open"]
 
     def reduce(self, name: str, array: np.ndarray, count: int, timeout: float = 60.0) -> np.ndarray:
         """The sum of `array` over `count` callers of reduce `name` (through server 0)."""

@@ -26,7 +26,7 @@ from shoal.ps.spec import spec_conflicts, spec_from_dict
 INLINE_OPS = frozenset({"pull_dense", "push_dense", "init_dense", "create_table", "stats"})
 
 OPS = ("create_table", "init_dense", "pull_sparse", "push_sparse", "pull_dense", "push_dense",
-       "push_delta", "barrier", "reduce", "save", "commit_save", "load", "shrink", "stats", "stop")
+       "push_delta", "barrier", "reduce", "gatherings", "save", "commit_save", "load", "shrink", "stats", "stop")
 
 
 def _arrays(arrays: list, n: int, op: str, what: str) -> list:
@@ -95,6 +95,7 @@ class _StepSum:
         self.open: dict[tuple, list] = {}  # (table, step) -> [count, parts]
         self.max_open = max_open
         self.broken: dict[str, str] = {}   # table -> why a completed step could not be applied
+        self.done: dict[str, int] = {}     # table -> the last step completed
 
     def apply(self, table: str, step, parts: list, fn) -> None:
         """Run `fn(parts)` for a completed step; if it fails, every later sync push to `table`
@@ -107,38 +108,48 @@ class _StepSum:
             raise
 
     def add(self, table: str, sync, part) -> list | None:
-        """Hold `part`; the list of all parts once this completes the step, else None."""
-        if (not isinstance(sync, list) or len(sync) != 2 or not all(isinstance(x, int) and
-                                                                     not isinstance(x, bool) for x in sync)
-                or sync[1] < 1):
-            raise PSError(f"push to {table!r}: header field 'sync' must be [step, count] with "
-                          f"count >= 1, got {sync!r}")
-        step, count = sync
+        """Hold `part`; the list of all parts once this completes the step, else None.
+
+        `sync` is [step, count] or [step, count, worker]. With the worker's rank, a second part
+        from the same worker replaces its first (a restarted worker re-pushing the step its
+        predecessor died in), and a part for a step that already completed is dropped (its
+        predecessor's part was applied)."""
+        if (not isinstance(sync, list) or len(sync) not in (2, 3)
+                or not all(isinstance(x, int) and not isinstance(x, bool) for x in sync)
+                or sync[1] < 1 or (len(sync) == 3 and not 0 <= sync[2] < sync[1])):
+            raise PSError(f"push to {table!r}: header field 'sync' must be [step, count] or "
+                          f"[step, count, worker] with count >= 1 and 0 <= worker < count, "
+                          f"got {sync!r}")
+        step, count = sync[0], sync[1]
         key = (table, step)
         with self.lock:
             if table in self.broken:
                 raise PSError(f"sync push to {table!r}: an earlier {self.broken[table]}; the "
                               f"table no longer matches sync training: restart the job from its "
                               f"last checkpoint")
+            if len(sync) == 3 and step <= self.done.get(table, -1):
+                return None  # the step completed without this (restarted) worker's new part
             entry = self.open.get(key)
             if entry is None:
                 if len(self.open) >= self.max_open:
                     raise PSError(f"push to {table!r}: {len(self.open)} sync steps are waiting for "
                                   f"workers that never pushed; is a worker missing?")
-                entry = self.open[key] = [count, []]
+                entry = self.open[key] = [count, {}]
             if entry[0] != count:
                 raise PSError(f"push to {table!r} step {step}: this worker says count={count}, "
                               f"others said {entry[0]}; every worker must use the same count")
-            entry[1].append(part)
+            entry[1][sync[2] if len(sync) == 3 else ("anonymous", len(entry[1]))] = part
             if len(entry[1]) < count:
                 return None
             del self.open[key]
-            return entry[1]
+            self.done[table] = max(step, self.done.get(table, -1))
+            return list(entry[1].values())
 
 
 class _Gathering:
     def __init__(self, count: int):
         self.count, self.arrived, self.total, self.done = count, 0, None, False
+        self.members: dict[int, int] = {}   # rank -> its calls waiting here (a restarted rank: 2)
 
 
 class PSService:
@@ -265,6 +276,10 @@ class PSService:
                           f"(start servers with more threads for larger gatherings)")
         if not isinstance(timeout, (int, float)) or not 0 < timeout <= 3600:  # also NaN and inf
             raise PSError(f"{op} {name!r}: timeout must be a number of seconds in (0, 3600], got {timeout!r}")
+        member = header.get("member")
+        if member is not None and (not isinstance(member, int) or isinstance(member, bool)
+                                   or not 0 <= member < count):
+            raise PSError(f"{op} {name!r}: member must be a rank in [0, {count}), got {member!r}")
         deadline = time.monotonic() + timeout
         with self._gather_cond:
             g = self._gatherings.get(name)
@@ -273,14 +288,21 @@ class PSService:
             if g.count != count:
                 raise PSError(f"{op} {name!r}: this caller says count={count}, earlier ones said "
                               f"{g.count}; every participant must pass the same count")
+            again = member is not None and member in g.members  # a restarted rank arriving again
+            if again and array is not None:
+                raise PSError(f"reduce {name!r}: rank {member} already contributed")
+            if array is not None and g.total is not None and \
+                    (g.total.shape != array.shape or g.total.dtype != array.dtype):
+                raise PSError(f"reduce {name!r}: array {array.dtype}{list(array.shape)} does not "
+                              f"match {g.total.dtype}{list(g.total.shape)} from others")
+            if member is not None:
+                g.members[member] = g.members.get(member, 0) + 1
             if array is not None:
                 if g.total is None:
                     g.total = np.zeros_like(array)
-                elif g.total.shape != array.shape or g.total.dtype != array.dtype:
-                    raise PSError(f"reduce {name!r}: array {array.dtype}{list(array.shape)} does not "
-                                  f"match {g.total.dtype}{list(g.total.shape)} from others")
                 g.total += array
-            g.arrived += 1
+            if not again:
+                g.arrived += 1
             if g.arrived == g.count:
                 g.done = True
                 del self._gatherings[name]
@@ -290,7 +312,11 @@ class PSService:
                 if left <= 0:
                     message = (f"{op} {name!r} on server {self.index}: {g.arrived} of {count} "
                                f"participants arrived within {timeout}s")
-                    g.arrived -= 1  # leave, so a later full set still completes correctly
+                    if member is not None:
+                        g.members[member] -= 1
+                    if member is None or g.members[member] == 0:
+                        g.arrived -= 1  # leave, so a later full set still completes correctly
+                        g.members.pop(member, None)
                     if array is not None:
                         g.total -= array
                     if g.arrived == 0 and self._gatherings.get(name) is g:
@@ -302,6 +328,15 @@ class PSService:
     def op_barrier(self, header, arrays):
         self._gather("barrier", header, None)
         return {}, []
+
+    def op_gatherings(self, header, arrays):
+        """The open barriers/reduces whose names start with `prefix`: name -> count, arrived and
+        the ranks that named themselves (a restarted worker finds the step the others are at)."""
+        prefix = _field(header, "prefix", str, "gatherings")
+        with self._gather_cond:
+            open_ = {name: {"count": g.count, "arrived": g.arrived, "members": sorted(g.members)}
+                     for name, g in self._gatherings.items() if name.startswith(prefix)}
+        return {"open": open_}, []
 
     def op_reduce(self, header, arrays):
         (array,) = _arrays(arrays, 1, "reduce", "the array to sum")

@@ -7,7 +7,8 @@ sigkill   `who` SIGKILLs itself
 hang      the workers never finish
 spawn     every worker starts a grandchild that ignores SIGTERM; `who` then exits 3
 late-fail `who` (a server) exits 1 a second after it was told to stop
-once      `who` SIGKILLs itself in its first run only (SHOAL_RESTART=0), mid-training
+once      the workers train 12 steps of a tiny dense model; `who` SIGKILLs itself at step 5 in
+          its first run only (SHOAL_RESTART=0); the restarted one resumes at fleet.restart_step()
 """
 import json
 import os
@@ -16,6 +17,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
+import shoal
 import shoal.fleet as fleet
 import shoal.nn as nn
 
@@ -46,6 +50,9 @@ if role == "worker" and action in ("spawn", "spawn-hang"):
                               "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
     with open(os.path.join(out, f"grandchild{rank}"), "w") as f:
         f.write(str(child.pid))
+model = nn.Linear(2, 1) if action == "once" else nn.Layer()
+opt = fleet.distributed_optimizer(shoal.optimizer.SGD(0.1, parameters=model.parameters())) \
+    if action == "once" else None
 if fleet.is_server():
     fleet.init_server()
     fleet.run_server()
@@ -54,13 +61,19 @@ if fleet.is_server():
         print("saving the last checkpoint failed")
         sys.exit(1)
     sys.exit(0)
-fleet.init_worker(nn.Layer())
-if me == who and action == "once" and os.environ.get("SHOAL_RESTART") == "0":
-    time.sleep(0.3)
-    os.kill(os.getpid(), signal.SIGKILL)
+fleet.init_worker(model)
 if action == "once":
+    first = fleet.restart_step()
+    x = shoal.to_tensor(np.ones((4, 2), np.float32))
+    for step in range(first, 12):
+        if me == who and os.environ.get("SHOAL_RESTART") == "0" and step == 5:
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGKILL)
+        (model(x) ** 2).mean().backward()
+        opt.step()
+        opt.clear_grad()
     with open(os.path.join(out, f"{me}.done.{os.environ['SHOAL_RESTART']}"), "w") as f:
-        f.write("ok")
+        f.write(str(first))
 if action in ("hang", "spawn-hang"):
     while True:
         time.sleep(0.1)

@@ -257,8 +257,14 @@ def test_without_restarts_left_the_job_fails(tmp_path):
     assert not _orphans(token)
 
 
-def test_a_sync_job_refuses_a_restarted_worker_by_name(tmp_path):
-    rc, _, stderr, _, token = _run(tmp_path, "once", "worker1",
-                                   extra=["--max_restarts", "1", "--strategy", "ps_sync"])
-    assert rc == 1 and "cannot take a worker back" in stderr, stderr
+@pytest.mark.parametrize("strategy", ["ps_sync", "ps_half_async"])
+def test_a_restarted_worker_of_a_stepped_job_resumes_at_the_others_step(tmp_path, strategy):
+    """Sync and half-async: the others wait for worker 1 at its step's barrier; the restarted
+    worker finds that barrier on server 0, resumes at that step (its predecessor's partial pushes
+    replaced, not added) and every worker runs the same 12 steps."""
+    rc, _, stderr, out, token = _run(tmp_path, "once", "worker1",
+                                     extra=["--max_restarts", "1", "--strategy", strategy])
+    assert rc == 0, stderr
+    assert (out / "worker0.done.0").read_text() == "0"
+    assert (out / "worker1.done.1").read_text() == "5"
     assert not _orphans(token)

@@ -116,7 +116,8 @@ class Communicator:
     def _barrier(self, what: str) -> None:
         """Every worker meets here (server 0); a timeout names the mode's contract."""
         try:
-            self.client.barrier(f"{what}-{self.steps}", self.worker_num, self.timeout)
+            self.client.barrier(f"{what}-{self.steps}", self.worker_num, self.timeout,
+                                member=self.worker_index)
         except (PSTimeoutError, RemoteError) as e:
             if isinstance(e, RemoteError) and e.kind != "PSTimeoutError":
                 raise

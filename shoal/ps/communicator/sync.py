@@ -22,7 +22,8 @@ class SyncCommunicator(Communicator):
         self._scale = np.float32(1.0 / worker_num)
 
     def _sync(self):
-        return None if self.worker_num == 1 else (self.steps, self.worker_num)
+        # the rank lets a server replace a restarted worker's re-push instead of counting it twice
+        return None if self.worker_num == 1 else (self.steps, self.worker_num, self.worker_index)
 
     def push(self, table, keys, grads, *, shows, clicks):
         self._raise_pending()

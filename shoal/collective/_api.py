@@ -23,7 +23,7 @@ import numpy as np
 
 from shoal.collective._group import Task, get_backend
 from shoal.collective._store import PrefixStore, StoreClient, StoreServer
-from shoal.collective.errors import InvalidArgumentError, NotInitializedError
+from shoal.collective.errors import CollectiveError, InvalidArgumentError, NotInitializedError
 from shoal.configs.cluster import ClusterEnv, WorkerEnv, parse_endpoint
 from shoal.configs.errors import ContractError
 from shoal.kernels import backend_of
@@ -63,6 +63,7 @@ class _State:
 
 
 _state = _State()
+_inits = 0   # worlds this process joined: each rendezvous uses keys of its own
 
 
 def _default_backend() -> str:
@@ -82,12 +83,13 @@ def init_parallel_env(backend: str | None = None, *, timeout: float | None = Non
     Raises ContractError for a missing or malformed variable, RendezvousError when the ranks
     do not all join within the timeout, BackendUnavailableError when the backend cannot run.
     Blocks until every rank has joined."""
+    global _inits
     if _state.world is not None:
         return _state.world
     env = ClusterEnv.detect()
-    timeout = DEFAULT_TIMEOUT if timeout is None else float(timeout)
-    if timeout <= 0:
-        raise InvalidArgumentError(f"init_parallel_env(timeout={timeout}): give seconds > 0")
+    timeout = _timeout(timeout, DEFAULT_TIMEOUT, "init_parallel_env")
+    name = backend or _default_backend()
+    cls = get_backend(name)
     if env is None:
         print("shoal.collective: no fleet environment (PADDLE_* unset): a world of one process; "
               "start the script with `fleetrun --nproc_per_node N` for N", file=sys.stderr)
@@ -107,10 +109,10 @@ def init_parallel_env(backend: str | None = None, *, timeout: float | None = Non
         server = None
         if rank == 0 and os.environ.get("SHOAL_MASTER_SERVED") != "launcher":
             server = StoreServer(*parse_endpoint(master), token=token)
-    name = backend or _default_backend()
-    cls = get_backend(name)
     client = StoreClient(master, token=token, timeout=timeout)
-    prefix = f"gen{restart}/"
+    # every rank of a job joins the same number of times: the n-th joins meet under one prefix
+    prefix = f"gen{restart}/i{_inits}/"
+    _inits += 1
     try:
         world = cls(PrefixStore(client, prefix + "g0/"), rank=rank, ranks=list(range(size)),
                     host=host, timeout=timeout)
@@ -134,13 +136,30 @@ def destroy_process_group(group=None) -> None:
         if hasattr(group, "close"):
             group.close()
         return
-    for g in reversed(_state.groups):
-        g.close()
-    if _state.client is not None:
-        _state.client.close()
-    if _state.store_server is not None:
-        _state.store_server.close()
-    _state.__init__()
+    state, errors = _state, []
+    try:
+        for g in reversed(state.groups):
+            try:
+                g.close()
+            except Exception as e:  # noqa: BLE001 - close the rest; say what failed after
+                errors.append(f"group {g.ranks}: {e}")
+        if state.client is not None:
+            state.client.close()
+        if state.store_server is not None:
+            state.store_server.close()
+    finally:
+        state.__init__()
+    if errors:
+        raise CollectiveError(f"destroy_process_group: {'; '.join(errors)} (every group is "
+                              f"released as far as it can be; init_parallel_env may run again)")
+
+
+def _timeout(value, default: float, where: str) -> float:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e7:
+        raise InvalidArgumentError(f"{where}(timeout={value!r}): give seconds > 0")
+    return float(value)
 
 
 def _world():
@@ -180,12 +199,13 @@ def new_group(ranks=None, *, backend: str | None = None, timeout: float | None =
         raise InvalidArgumentError(f"new_group(ranks={ranks}): ranks must be a non-empty subset of "
                                    f"0..{world.size - 1}")
     gid = len(_state.groups)
+    _timeout(timeout, _state.timeout, "new_group")  # checked on every rank, members or not
     if world.rank not in ranks:
         group = _Outside(ranks)
     else:
         cls = get_backend(backend or _state.backend)
         group = cls(PrefixStore(_state.client, f"{_state.prefix}g{gid}/"), rank=ranks.index(world.rank),
-                    ranks=ranks, host=_state.host, timeout=timeout or _state.timeout)
+                    ranks=ranks, host=_state.host, timeout=_timeout(timeout, _state.timeout, "new_group"))
     group.id = gid
     _state.groups.append(group)
     return group
@@ -193,11 +213,21 @@ def new_group(ranks=None, *, backend: str | None = None, timeout: float | None =
 
 # --- arrays -----------------------------------------------------------------------------------
 
-def _array(x, what: str):
+_DTYPES = frozenset(np.dtype(d) for d in ("float16", "float32", "float64", "int8", "uint8",
+                                           "int32", "int64"))
+
+
+def _array(x, what: str, *, writes: bool = False):
     data = x.data if isinstance(x, Tensor) else x
     if not hasattr(data, "dtype") or not hasattr(data, "shape") or isinstance(data, np.generic):
         raise InvalidArgumentError(f"{what}: expected a numpy or cupy array or a Tensor, got "
                                    f"{type(x).__name__}")
+    if data.dtype not in _DTYPES:
+        raise InvalidArgumentError(f"{what}: dtype {data.dtype} is not supported; use one of "
+                                   f"{sorted(str(d) for d in _DTYPES)}")
+    if writes and isinstance(data, np.ndarray) and not data.flags.writeable:
+        raise InvalidArgumentError(f"{what}: the array is read-only, and the result is written "
+                                   f"into it; pass a writable array (e.g. a copy)")
     return data
 
 
@@ -278,7 +308,7 @@ def _check_list(group, out_list, shape, dtype, what: str):
 def all_reduce(tensor, op=ReduceOp.SUM, group=None, sync_op: bool = True) -> Task | None:
     """Reduce `tensor` over the group's ranks, in place on every rank (AVG: the sum divided by
     the group's size; integer dtypes divide with floor)."""
-    g, data, op = _group(group), _array(tensor, "all_reduce"), _op(op)
+    g, data, op = _group(group), _array(tensor, "all_reduce", writes=True), _op(op)
     native, back = g._to_native(data)
 
     def run():
@@ -290,7 +320,7 @@ def all_reduce(tensor, op=ReduceOp.SUM, group=None, sync_op: bool = True) -> Tas
 
 def broadcast(tensor, src: int, group=None, sync_op: bool = True) -> Task | None:
     """Copy rank `src`'s `tensor` into every rank's, in place."""
-    g, data = _group(group), _array(tensor, "broadcast")
+    g, data = _group(group), _array(tensor, "broadcast", writes=True)
     root = _root(g, src, "broadcast src")
     native, back = g._to_native(data)
     return g.execute("broadcast", lambda: g._broadcast(native, root), sync_op=sync_op, then=back)
@@ -298,7 +328,7 @@ def broadcast(tensor, src: int, group=None, sync_op: bool = True) -> Task | None
 
 def reduce(tensor, dst: int, op=ReduceOp.SUM, group=None, sync_op: bool = True) -> Task | None:
     """Reduce `tensor` over the group into rank `dst`'s (in place there; others' unchanged)."""
-    g, data, op = _group(group), _array(tensor, "reduce"), _op(op)
+    g, data, op = _group(group), _array(tensor, "reduce", writes=True), _op(op)
     root = _root(g, dst, "reduce dst")
     native, back = g._to_native(data)
     if g.rank != root:
@@ -324,7 +354,7 @@ def all_gather(tensor_list: list, tensor, group=None, sync_op: bool = True) -> T
 
 def scatter(tensor, tensor_list=None, src: int = 0, group=None, sync_op: bool = True) -> Task | None:
     """Rank `src`'s `tensor_list[i]` into rank i's `tensor` (tensor_list only needed at src)."""
-    g, data = _group(group), _array(tensor, "scatter")
+    g, data = _group(group), _array(tensor, "scatter", writes=True)
     root = _root(g, src, "scatter src")
     native, back = g._to_native(data)
     inputs = None
@@ -341,7 +371,7 @@ def scatter(tensor, tensor_list=None, src: int = 0, group=None, sync_op: bool = 
 def reduce_scatter(tensor, tensor_list: list, op=ReduceOp.SUM, group=None,
                    sync_op: bool = True) -> Task | None:
     """Rank i's `tensor` = the reduction over ranks of their `tensor_list[i]`."""
-    g, data, op = _group(group), _array(tensor, "reduce_scatter"), _op(op)
+    g, data, op = _group(group), _array(tensor, "reduce_scatter", writes=True), _op(op)
     stacked = _stacked(g, tensor_list, "reduce_scatter tensor_list")
     if stacked.shape[1:] != tuple(data.shape) or stacked.dtype != data.dtype:
         raise InvalidArgumentError(f"reduce_scatter: tensor_list holds {stacked.dtype}"
@@ -376,7 +406,12 @@ def barrier(group=None) -> None:
 
 
 def send(tensor, dst: int, group=None, sync_op: bool = True, *, tag: int = 0) -> Task | None:
-    """Send `tensor` to rank `dst`, which must `recv` an array of the same size and dtype."""
+    """Send `tensor` to rank `dst`, which must `recv` an array of the same size and dtype.
+
+    Blocks until `dst` has posted its recv (Gloo sends into the receiver's buffer). A group runs
+    its operations one at a time, so `send(..., sync_op=False)` followed by a `recv` on the same
+    group waits for the send first: order an exchange (even ranks send first, odd ranks receive
+    first) or use `alltoall`; a mismatch ends in CollectiveTimeoutError, not a hang."""
     g, data = _group(group), _array(tensor, "send")
     peer = _root(g, dst, "send dst")
     if peer == g.rank:
@@ -387,7 +422,7 @@ def send(tensor, dst: int, group=None, sync_op: bool = True, *, tag: int = 0) ->
 
 def recv(tensor, src: int, group=None, sync_op: bool = True, *, tag: int = 0) -> Task | None:
     """Receive into `tensor` (in place) what rank `src` sends."""
-    g, data = _group(group), _array(tensor, "recv")
+    g, data = _group(group), _array(tensor, "recv", writes=True)
     peer = _root(g, src, "recv src")
     if peer == g.rank:
         raise InvalidArgumentError(f"recv src={src} is this rank; receive from another rank")

@@ -41,6 +41,7 @@ class Task:
         self._done = threading.Event()
         self._error: BaseException | None = None
         self._then: Callable[[], None] | None = None
+        self._then_lock = threading.Lock()
 
     def is_completed(self) -> bool:
         return self._done.is_set()
@@ -50,9 +51,10 @@ class Task:
             return False
         if self._error is not None:
             raise self._error
-        if self._then is not None:   # copies back into the caller's arrays, on the caller's thread
+        with self._then_lock:  # copies back into the caller's arrays once, on a waiter's thread
             then, self._then = self._then, None
-            then()
+            if then is not None:
+                then()
         return True
 
     def _finish(self, error: BaseException | None) -> None:
@@ -112,12 +114,19 @@ class _Issuer:
                         self._pending -= 1
             task._finish(error)
 
-    def close(self) -> None:
+    def close(self, why: str) -> bool:
+        """Fail what is still queued, let the running operation end; True once the worker is idle."""
         with self._cv:
             self._closed = True
+            dropped, self._queue = list(self._queue), collections.deque()
+            self._pending -= len(dropped)
             self._cv.notify()
+        for _, task in dropped:
+            task._finish(GroupBrokenError(f"{task.op} was never run: {why}"))
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+            return not self._thread.is_alive()
+        return True
 
 
 class ProcessGroup(abc.ABC):
@@ -201,8 +210,14 @@ class ProcessGroup(abc.ABC):
                                    f"and init_parallel_env() with a new generation, or restart "
                                    f"the job)")
 
+        point_to_point = op in ("send", "recv")
+
         def guarded():
-            self._seq += 1
+            if self._broken is not None:  # an operation queued behind one that failed
+                raise GroupBrokenError(f"{op} was not run: the group of ranks {self.ranks} failed "
+                                       f"before it ({self._broken})")
+            if not point_to_point:  # only collectives: every rank counts the same sequence
+                self._seq += 1
             seq = self._seq
             try:
                 fn()
@@ -210,7 +225,8 @@ class ProcessGroup(abc.ABC):
                 kind = self._failure_kind(e)
                 if kind is None:
                     raise
-                raise self._fail(op, seq, kind, e) from e
+                raise self._fail(op, seq, kind, e, diagnose=not point_to_point) from e
+        self._inputs_ready()
         if sync_op:
             self._issuer.run(guarded)
             if then is not None:
@@ -220,14 +236,29 @@ class ProcessGroup(abc.ABC):
         task._then = then
         return self._issuer.submit(guarded, task)
 
-    def _fail(self, op: str, seq: int, kind: str, error: BaseException) -> CollectiveError:
-        self._broken = f"{op} #{seq}: {error}"
-        arrived = self._arrivals(op, seq)
+    def _inputs_ready(self) -> None:
+        """On the caller's thread, before an operation is issued: make its inputs readable by
+        the issuing thread (a device backend waits for the caller's stream)."""
+
+    def _fail(self, op: str, seq: int, kind: str, error: BaseException, *,
+              diagnose: bool = True) -> CollectiveError:
+        if self._broken is None:
+            self._broken = f"{op} #{seq}: {error}"
+        arrived = self._arrivals(op, seq) if diagnose else None
         missing = [r for r in self.ranks if r not in arrived] if arrived is not None else []
-        who = (f"rank(s) {missing} of the group {self.ranks} did not arrive" if missing else
-               f"every rank of the group {self.ranks} arrived (a slow link or a peer that failed "
-               f"mid-operation)" if arrived is not None else
-               "the store could not be asked which ranks arrived")
+        elsewhere = {r: o for r, o in (arrived or {}).items() if o != op}
+        if elsewhere:
+            who = (f"rank(s) {sorted(elsewhere)} of the group {self.ranks} are in a different "
+                   f"collective at this point ({', '.join(f'rank {r}: {o}' for r, o in sorted(elsewhere.items()))}): "
+                   f"the ranks issue different sequences of collectives")
+        elif missing:
+            who = f"rank(s) {missing} of the group {self.ranks} did not arrive"
+        elif arrived is not None:
+            who = (f"every rank of the group {self.ranks} arrived (a slow link or a peer that "
+                   f"failed mid-operation)")
+        else:
+            who = ("point-to-point: the peer did not match it in time" if not diagnose else
+                   "the store could not be asked which ranks arrived")
         if kind == "timeout":
             return CollectiveTimeoutError(
                 f"{op} timed out after {self.timeout:g}s on rank {self.ranks[self.rank]}: {who}; "
@@ -238,27 +269,32 @@ class ProcessGroup(abc.ABC):
                                    f"connection ({error}); {who}; see the failed rank's log")
         return CollectiveError(f"{op} failed on rank {self.ranks[self.rank]}: {error}")
 
-    def _arrivals(self, op: str, seq: int) -> set[int] | None:
-        """The global ranks that reached operation `seq` too, asked through the store."""
+    def _arrivals(self, op: str, seq: int) -> dict[int, str] | None:
+        """Global rank -> the operation it is in at position `seq`, for the ranks that reached
+        that position too, asked through the store (each call bounded by the grace period)."""
         key = f"diag/{seq}/"
+        grace = min(_DIAG_GRACE_S, self.timeout)
         try:
-            self.store.set(f"{key}{self.rank}", op.encode())
+            self.store.set(f"{key}{self.rank}", op.encode(), timeout=grace)
             keys = {r: f"{key}{i}" for i, r in enumerate(self.ranks)}
-            deadline = time.monotonic() + min(_DIAG_GRACE_S, self.timeout)
+            deadline = time.monotonic() + grace
             while True:
-                arrived = {r for r, k in keys.items() if self.store.check([k])}
+                arrived = [r for r, k in keys.items() if self.store.check([k], timeout=grace)]
                 if len(arrived) == self.size or time.monotonic() > deadline:
-                    return arrived
+                    return {r: self.store.get(keys[r], grace).decode(errors="replace")
+                            for r in arrived}
                 time.sleep(_DIAG_POLL_S)
         except RendezvousError:
             return None
 
     def close(self) -> None:
-        """Release the group's connections (idempotent); later operations raise."""
+        """Release the group's connections (idempotent); later operations raise GroupBrokenError
+        and queued ones fail with it. An operation still running keeps its resources until it
+        ends (its own timeout)."""
         if self._broken is None:
             self._broken = "the group was closed"
-        self._issuer.close()
-        self._close()
+        if self._issuer.close(self._broken):
+            self._close()
 
 
 _BACKENDS: dict[str, type[ProcessGroup]] = {}

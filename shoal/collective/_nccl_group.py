@@ -60,6 +60,7 @@ class NcclGroup(ProcessGroup):
             raise RendezvousError(f"nccl rendezvous of ranks {self.ranks} timed out after "
                                   f"{timeout:g}s: {e}") from e
         self._comm = nccl.NcclCommunicator(self.size, uid, rank)
+        self._aborted = False
         self._stream = cupy.cuda.Stream(non_blocking=True)
 
     def _to_native(self, array):
@@ -70,7 +71,6 @@ class NcclGroup(ProcessGroup):
             def back():
                 np.copyto(array, cupy.asnumpy(native).reshape(array.shape))
             return native, back
-        cupy.cuda.get_current_stream().synchronize()  # the input is complete before NCCL reads it
         if array.flags.c_contiguous:
             return array, None
         native = cupy.ascontiguousarray(array)
@@ -78,6 +78,11 @@ class NcclGroup(ProcessGroup):
         def back():
             array[...] = native
         return native, back
+
+    def _inputs_ready(self):
+        # the caller's stream wrote the inputs (and any copies made for this call); the group's
+        # own stream does not wait for it by itself
+        self._cupy.cuda.get_current_stream().synchronize()
 
     def _kind(self, arr):
         try:
@@ -94,8 +99,10 @@ class NcclGroup(ProcessGroup):
         event = self._stream.record()
         deadline = time.monotonic() + self.timeout
         while not event.done:
+            self._comm.check_async_error()  # a failed peer surfaces here, not as a timeout
             if time.monotonic() > deadline:
                 self._comm.abort()
+                self._aborted = True
                 raise _NcclTimeout(f"NCCL operation not complete after {self.timeout:g}s "
                                    f"(communicator aborted)")
             time.sleep(_POLL_S)
@@ -161,12 +168,16 @@ class NcclGroup(ProcessGroup):
         self._grouped([], [(arr, src)])
 
     def _close(self):
-        self._comm.destroy()
+        if not self._aborted:
+            self._comm.destroy()
 
     def _failure_kind(self, error):
         if isinstance(error, _NcclTimeout):
             return "timeout"
         if isinstance(error, self._nccl.NcclError):
+            if not self._aborted:  # a communicator that failed may still run: never destroy it
+                self._comm.abort()
+                self._aborted = True
             return "peer"
         return None
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 import itertools
+import math
 import threading
 import time
 
@@ -28,6 +29,7 @@ from shoal.collective.errors import RendezvousError, StoreTimeoutError
 _POLL_MS = 100          # the server thread wakes at least this often to see close()
 _MARGIN_S = 2.0         # a client waits this much past the server's deadline for its reply
 _MAX_VALUE = 64 << 20   # the store holds addresses and ids, not tensors
+_MAX_WAIT_S = 7 * 86400.0
 
 
 class StoreServer:
@@ -133,12 +135,16 @@ class StoreServer:
                 self._reply(peer, rid, ok=True, value=len(gone))
             elif op in ("get", "wait"):
                 keys = [str(k) for k in (msg["keys"] if op == "wait" else [msg["key"]])]
-                deadline = time.monotonic() + float(msg["timeout_ms"]) / 1000
+                wait_ms = float(msg["timeout_ms"])
+                if not (math.isfinite(wait_ms) and 0 <= wait_ms <= _MAX_WAIT_S * 1000):
+                    raise ValueError(f"timeout_ms {wait_ms!r} must be finite, in [0, "
+                                     f"{_MAX_WAIT_S * 1000:g}]")
+                deadline = time.monotonic() + wait_ms / 1000
                 self._waiters.append((deadline, peer, rid, op, keys))
                 self._wake()
             else:
                 raise ValueError(f"unknown store op {op!r}")
-        except (KeyError, TypeError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - any bad field: an error reply, the server lives on
             self._reply(peer, rid, ok=False, error=f"bad store request {op!r}: {e}")
 
     def _wake(self) -> None:
@@ -161,6 +167,14 @@ class StoreServer:
             else:
                 keep.append(w)
         self._waiters = keep
+
+
+def _seconds(value, op: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not 0 <= value <= _MAX_WAIT_S:
+        raise RendezvousError(f"store {op}: timeout {value!r} must be finite seconds in "
+                              f"[0, {_MAX_WAIT_S:g}]")
+    return float(value)
 
 
 class StoreClient:
@@ -190,7 +204,7 @@ class StoreClient:
                 self._sock.close()
 
     def _call(self, op: str, wait_s: float | None = None, **fields):
-        wait_s = self.timeout if wait_s is None else wait_s
+        wait_s = _seconds(self.timeout if wait_s is None else wait_s, op)
         with self._lock:
             if self._closed:
                 raise RendezvousError("the store client is closed")
@@ -213,22 +227,22 @@ class StoreClient:
             raise StoreTimeoutError(f"rendezvous store: {reply.get('error')} within {wait_s:g}s")
         raise RendezvousError(f"rendezvous store at {self.endpoint}: {reply.get('error')}")
 
-    def set(self, key: str, value: bytes) -> None:
-        self._call("set", key=key, value=bytes(value))
+    def set(self, key: str, value: bytes, timeout: float | None = None) -> None:
+        self._call("set", timeout, key=key, value=bytes(value))
 
     def get(self, key: str, timeout: float | None = None) -> bytes:
         """The value of `key`, waiting up to `timeout` seconds for some rank to set it."""
-        t = self.timeout if timeout is None else timeout
+        t = _seconds(self.timeout if timeout is None else timeout, "get")
         return self._call("get", t, key=key, timeout_ms=int(t * 1000))
 
     def wait(self, keys: list[str], timeout: float | None = None) -> None:
         """Return once every key is set; StoreTimeoutError after `timeout` seconds."""
-        t = self.timeout if timeout is None else timeout
+        t = _seconds(self.timeout if timeout is None else timeout, "wait")
         self._call("wait", t, keys=list(keys), timeout_ms=int(t * 1000))
 
-    def check(self, keys: list[str]) -> bool:
-        """Whether every key is set, without waiting."""
-        return bool(self._call("check", keys=list(keys)))
+    def check(self, keys: list[str], timeout: float | None = None) -> bool:
+        """Whether every key is set, without waiting for them (`timeout`: for the answer)."""
+        return bool(self._call("check", timeout, keys=list(keys)))
 
     def add(self, key: str, delta: int = 1) -> int:
         """Add `delta` to the counter `key` (0 when unset) and return the new value."""
@@ -248,8 +262,8 @@ class PrefixStore:
     def __init__(self, client: StoreClient, prefix: str):
         self.client, self.prefix = client, prefix
 
-    def set(self, key: str, value: bytes) -> None:
-        self.client.set(self.prefix + key, value)
+    def set(self, key: str, value: bytes, timeout: float | None = None) -> None:
+        self.client.set(self.prefix + key, value, timeout)
 
     def get(self, key: str, timeout: float | None = None) -> bytes:
         return self.client.get(self.prefix + key, timeout)
@@ -258,8 +272,8 @@ class PrefixStore:
         self.client.wait([self.prefix + k for k in keys],
                          None if timeout_ms is None else timeout_ms / 1000)
 
-    def check(self, keys: list[str]) -> bool:
-        return self.client.check([self.prefix + k for k in keys])
+    def check(self, keys: list[str], timeout: float | None = None) -> bool:
+        return self.client.check([self.prefix + k for k in keys], timeout)
 
     def add(self, key: str, delta: int = 1) -> int:
         return self.client.add(self.prefix + key, delta)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
 
 import numpy as np
 
@@ -55,7 +56,7 @@ class DataParallel(Layer):
     argument. Construction blocks until every rank of the group has built its replica."""
 
     def __init__(self, layers: Layer, *, group=None, fuse_grad_size_in_MB: float = 32,
-                 check_every: int = 0, find_unused_parameters: bool = True):
+                 check_every: int = 0):
         super().__init__()
         if not isinstance(layers, Layer):
             raise InvalidArgumentError(f"DataParallel(layers): expected a Layer, got "
@@ -68,9 +69,14 @@ class DataParallel(Layer):
         object.__setattr__(self, "_group", _api._group(group))
         object.__setattr__(self, "_check_every", int(check_every))
         object.__setattr__(self, "_forwards", 0)
-        object.__setattr__(self, "_syncing", True)
-        object.__setattr__(self, "_pass_open", False)
+        object.__setattr__(self, "_no_sync_depth", 0)   # inside no_sync() blocks
+        object.__setattr__(self, "_merge_sync", True)   # gradient merge: False in micro-steps
+        object.__setattr__(self, "_pass_id", None)      # the backward pass being reduced
         object.__setattr__(self, "_next", 0)   # the next bucket to start
+        previous = getattr(layers, "_shoal_data_parallel", lambda: None)()
+        if previous is not None:  # wrapped again (a new group, say): the old hooks go
+            previous._detach()
+        object.__setattr__(layers, "_shoal_data_parallel", weakref.ref(self))
         self._broadcast_state()
         params = [p for p in layers.parameters() if p.requires_grad]
         object.__setattr__(self, "_buckets", self._bucketize(params, fuse_grad_size_in_MB))
@@ -79,8 +85,19 @@ class DataParallel(Layer):
             for i, p in enumerate(b.params):
                 where[id(p)] = (b, i)
         object.__setattr__(self, "_where", where)
-        object.__setattr__(self, "_hooks", [p.register_post_accumulate_grad_hook(self._on_grad)
+        me = weakref.ref(self)
+
+        def hook(param):
+            dp = me()
+            if dp is not None:
+                dp._on_grad(param)
+        object.__setattr__(self, "_hooks", [p.register_post_accumulate_grad_hook(hook)
                                             for p in params])
+
+    def _detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        object.__setattr__(self, "_hooks", [])
 
     # -- setup -----------------------------------------------------------------------
     def _broadcast_state(self) -> None:
@@ -108,7 +125,8 @@ class DataParallel(Layer):
 
     # -- the layer -------------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if self._check_every and self.training:
+        # forwards that can train (grad mode, train mode) are the ones every rank runs alike
+        if self._check_every and self.training and autograd.is_grad_enabled():
             object.__setattr__(self, "_forwards", self._forwards + 1)
             if self._forwards % self._check_every == 0:
                 self.check_replicas()
@@ -126,19 +144,21 @@ class DataParallel(Layer):
     @contextlib.contextmanager
     def no_sync(self):
         """Backward passes inside only accumulate locally; the next one outside reduces all."""
-        prev = self._syncing
-        object.__setattr__(self, "_syncing", False)
+        object.__setattr__(self, "_no_sync_depth", self._no_sync_depth + 1)
         try:
             yield
         finally:
-            object.__setattr__(self, "_syncing", prev)
+            object.__setattr__(self, "_no_sync_depth", self._no_sync_depth - 1)
 
     # -- gradients ---------------------------------------------------------------------
     def _on_grad(self, param) -> None:
-        if not self._syncing:
+        if self._no_sync_depth or not self._merge_sync:
             return
-        if not self._pass_open:
-            object.__setattr__(self, "_pass_open", True)
+        pass_id = autograd.backward_pass()
+        if pass_id != self._pass_id:
+            if self._pass_id is not None:  # the last pass raised before it ended: drop it
+                self._reset(wait=True)
+            object.__setattr__(self, "_pass_id", pass_id)
             autograd.queue_callback(self._finish_pass)
         bucket, i = self._where[id(param)]
         bucket.ready.add(i)
@@ -148,20 +168,22 @@ class DataParallel(Layer):
 
     def _start(self, bucket: _Bucket) -> None:
         xp = backend_of(bucket.params[0].data).xp
-        parts = []
-        for p in bucket.params:
+        parts, has = [], xp.zeros(len(bucket.params), dtype=bucket.dtype)
+        for i, p in enumerate(bucket.params):
             g = p._grad
             if g is None:
                 g = xp.zeros(p.data.shape, dtype=p.dtype)
-            elif isinstance(g, SparseGrad):
-                g = g.to_dense()
+            else:
+                has[i] = 1
+                if isinstance(g, SparseGrad):  # dense models: sparse tables belong on servers
+                    g = g.to_dense()
             parts.append(g.reshape(-1))
-        bucket.buffer = xp.concatenate(parts) if len(parts) > 1 else parts[0].copy()
+        # one flag per parameter rides along: a parameter no rank has a gradient for keeps None
+        bucket.buffer = xp.concatenate(parts + [has])
         bucket.task = _api.all_reduce(bucket.buffer, "sum", self._group, sync_op=False)
         object.__setattr__(self, "_next", self._next + 1)
 
     def _finish_pass(self) -> None:
-        object.__setattr__(self, "_pass_open", False)
         try:
             while self._next < len(self._buckets):
                 self._start(self._buckets[self._next])
@@ -169,12 +191,25 @@ class DataParallel(Layer):
             for bucket in self._buckets:
                 bucket.task.wait()
                 flat, off = bucket.buffer, 0
+                flags = flat[-len(bucket.params):]
                 flat *= scale
-                for p, n in zip(bucket.params, bucket.sizes):
-                    p._grad = flat[off:off + n].reshape(p.data.shape)
+                for p, n, flag in zip(bucket.params, bucket.sizes, flags.tolist()):
+                    p._grad = flat[off:off + n].reshape(p.data.shape) if flag else None
                     off += n
         finally:
+            self._reset(wait=False)
+
+    def _reset(self, *, wait: bool) -> None:
+        """Forget the pass in progress (with `wait`, after its started all-reduces end: every
+        rank started the same ones, so the group stays in step)."""
+        try:
+            if wait:
+                for bucket in self._buckets:
+                    if bucket.task is not None:
+                        bucket.task.wait()
+        finally:
             object.__setattr__(self, "_next", 0)
+            object.__setattr__(self, "_pass_id", None)
             for bucket in self._buckets:
                 bucket.ready.clear()
                 bucket.buffer = bucket.task = None

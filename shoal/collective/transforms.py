@@ -81,9 +81,9 @@ class TransformedOptimizer:
         return self._inner
 
     def _set_sync(self) -> None:
-        if self._model is not None and hasattr(self._model, "_syncing"):
+        if self._model is not None and hasattr(self._model, "_merge_sync"):
             sync = all(t.wants_sync() for t in self._transforms if hasattr(t, "wants_sync"))
-            object.__setattr__(self._model, "_syncing", sync)
+            object.__setattr__(self._model, "_merge_sync", sync)
 
     def step(self) -> None:
         params = [p for p in self._inner._params if getattr(p, "trainable", True)]

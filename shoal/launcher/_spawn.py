@@ -153,6 +153,11 @@ def _supervise(procs, results, timeout) -> list:
                 raise ProcessFailedError(f"rank {r} of {len(procs)} failed: {value}", rank=r,
                                          exitcode=procs[r].exitcode, traceback=value)
             except queue.Empty:
+                if rank in values:
+                    raise ProcessFailedError(f"rank {rank} of {len(procs)} returned its result, "
+                                             f"then exited ({_describe(p.exitcode)}): an "
+                                             f"operation still in flight at exit?", rank=rank,
+                                             exitcode=p.exitcode) from None
                 raise ProcessFailedError(f"rank {rank} of {len(procs)} died "
                                          f"({_describe(p.exitcode)}) without a result; see its "
                                          f"output above", rank=rank, exitcode=p.exitcode) from None

@@ -8,6 +8,7 @@ topological sort of the graph plus the chain rule.
 from __future__ import annotations
 
 import functools
+import itertools
 import threading
 import weakref
 
@@ -197,14 +198,25 @@ def queue_callback(fn) -> None:
     pending.append(fn)
 
 
+_passes = itertools.count(1)
+
+
+def backward_pass() -> int | None:
+    """The id of the backward pass running on this thread (from a hook), or None outside one.
+    Each pass has a new id, so a hook can tell a pass that ended in an error from the next."""
+    return getattr(_mode, "pass_id", None)
+
+
 def run_backward(root, grad, retain_graph: bool) -> None:
-    """Propagate `grad` from `root` to every leaf that requires grad (accumulating)."""
-    outer = getattr(_mode, "callbacks", None)
-    _mode.callbacks = callbacks = []
+    """Propagate `grad` from `root` to every leaf that requires grad (accumulating).
+
+    Callbacks queued during the pass run after it, unless the pass raised."""
+    outer, outer_id = getattr(_mode, "callbacks", None), getattr(_mode, "pass_id", None)
+    _mode.callbacks, _mode.pass_id = callbacks, _ = [], next(_passes)
     try:
         _run_backward(root, grad, retain_graph)
     finally:
-        _mode.callbacks = outer
+        _mode.callbacks, _mode.pass_id = outer, outer_id
     for fn in callbacks:
         fn()
 

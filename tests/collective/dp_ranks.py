@@ -115,3 +115,45 @@ def drifting(check_every: int) -> dict:
         out["error"] = str(e)
     dist.destroy_process_group()
     return out
+
+
+def robust_passes() -> dict:
+    """A backward pass that raises on every rank, then normal steps; no_sync inside gradient
+    merge; a parameter no rank uses keeps no gradient (Adam leaves it alone)."""
+    import shoal
+    import shoal.collective as dist
+    import shoal.nn.functional as F
+    from shoal.collective import TransformedOptimizer, gradient_merge
+    dist.init_parallel_env(timeout=30)
+    r, w = dist.get_rank(), dist.get_world_size()
+    model = dist.DataParallel(build(seed=r), fuse_grad_size_in_MB=0.0002)
+    x, y = data(0)
+    xs, ys = shoal.to_tensor(x[r::w]), shoal.to_tensor(y[r::w])
+    out = {}
+
+    class Boom(shoal.Function):
+        def forward(self, a):
+            return a.copy()
+
+        def backward(self, g):
+            raise RuntimeError("backward fails on purpose")
+    try:  # fc2's gradient is ready (its bucket started) before fc1's path raises
+        hidden = shoal.relu(model._layers.fc1(xs))
+        y_hat = model._layers.fc2(Boom.apply(hidden))
+        F.mse_loss(y_hat, ys).backward()
+    except RuntimeError as e:
+        out["raised"] = str(e)
+    model.clear_gradients()
+    side = model._layers.side.weight.numpy().copy()
+    opt = TransformedOptimizer(shoal.optimizer.Adam(0.1, parameters=model.parameters()),
+                               [gradient_merge(2)], model=model)
+    for _ in range(4):
+        with model.no_sync():  # nested inside merge: the merge still decides the last pass
+            pass
+        F.mse_loss(model(xs), ys).backward()  # side branch unused on every rank
+        opt.step()
+        opt.clear_grad()
+    out["state"] = {k: v.numpy() for k, v in model.state_dict().items()}
+    out["side_unchanged"] = bool(np.array_equal(side, model._layers.side.weight.numpy()))
+    dist.destroy_process_group()
+    return out

@@ -179,3 +179,41 @@ def nccl_ops(n: int) -> dict:
     dist.barrier()
     dist.destroy_process_group()
     return out
+
+
+def reinit_twice() -> list:
+    """destroy_process_group, then a new world in the same processes (new rendezvous keys)."""
+    import shoal.collective as dist
+    sums = []
+    for _ in range(2):
+        dist.init_parallel_env(timeout=10)
+        x = np.array([dist.get_rank() + 1], np.int64)
+        dist.all_reduce(x)
+        sums.append(int(x[0]))
+        dist.destroy_process_group()
+    return sums
+
+
+def mismatched_ops() -> dict:
+    """Rank 1 calls barrier where rank 0 calls all_reduce: the diagnosis names the mismatch;
+    operations queued behind the failure fail at once with GroupBrokenError."""
+    import shoal.collective as dist
+    dist.init_parallel_env(timeout=1.5)
+    r = dist.get_rank()
+    out = {}
+    try:
+        if r == 0:
+            tasks = [dist.all_reduce(np.ones(1 << 16, np.float32), sync_op=False) for _ in range(4)]
+            t0 = time.monotonic()
+            errors = []
+            for t in tasks:
+                try:
+                    t.wait()
+                except dist.CollectiveError as e:
+                    errors.append(type(e).__name__)
+            out["errors"], out["elapsed"] = errors, time.monotonic() - t0
+        else:
+            dist.barrier()
+    except dist.CollectiveError as e:
+        out["error"] = str(e)
+    return out

@@ -135,3 +135,15 @@ def bad_arguments():
     dist.all_reduce(x)  # the group still works after refused calls
     assert x.tolist() == [1.0, 1.0]
     return seen
+
+
+def test_a_second_world_in_the_same_processes_rendezvous_afresh():
+    assert spawn(ranks.reinit_twice, nprocs=2, timeout=60) == [[3, 3], [3, 3]]
+
+
+def test_ranks_in_different_collectives_are_named_and_queued_ops_fail_fast():
+    r0, r1 = spawn(ranks.mismatched_ops, nprocs=2, timeout=60)
+    assert r0["errors"][0] in ("CollectiveTimeoutError", "PeerFailedError", "CollectiveError")
+    assert r0["errors"][1:] == ["GroupBrokenError"] * 3, r0
+    assert r0["elapsed"] < 1.5 + 2.5 + 2.0  # one timeout, one diagnosis, then at once
+    assert "different collective" in r1["error"] and "rank 0: all_reduce" in r1["error"], r1

@@ -45,3 +45,12 @@ def test_drift_check_fires_when_a_replica_is_perturbed():
 def test_drift_check_is_quiet_when_replicas_agree():
     results = spawn(dp_ranks.drifting, (0,), nprocs=2, timeout=90)
     assert [out["steps"] for out in results] == [4, 4]  # rank 1's perturbation goes unchecked
+
+
+def test_a_failed_backward_no_sync_and_unused_parameters_keep_replicas_in_step():
+    r0, r1 = spawn(dp_ranks.robust_passes, nprocs=2, timeout=90)
+    for out in (r0, r1):
+        assert "fails on purpose" in out["raised"]
+        assert out["side_unchanged"]  # no gradient anywhere: Adam does not touch it
+    for k in r0["state"]:
+        np.testing.assert_array_equal(r0["state"][k], r1["state"][k], err_msg=k)

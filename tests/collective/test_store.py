@@ -86,3 +86,21 @@ def test_a_busy_port_is_refused_with_the_address():
         port = int(s.endpoint.rsplit(":", 1)[1])
         with pytest.raises(RendezvousError, match=f"cannot bind 127.0.0.1:{port}"):
             StoreServer("127.0.0.1", port)
+
+
+@pytest.mark.parametrize("timeout_ms", [float("nan"), float("inf"), -5])
+def test_a_non_finite_or_negative_wait_is_refused_and_the_server_lives_on(server, timeout_ms):
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{server.endpoint}")
+    sock.send(msgpack.packb({"id": 7, "op": "get", "key": "k", "timeout_ms": timeout_ms,
+                             "token": "secret"}))
+    assert sock.poll(2000)
+    reply = msgpack.unpackb(sock.recv())
+    assert not reply["ok"] and "timeout_ms" in reply["error"]
+    sock.close()
+    c = StoreClient(server.endpoint, token="secret", timeout=2)
+    with pytest.raises(RendezvousError, match="finite"):
+        c.get("k", timeout=float("inf"))
+    c.set("k", b"v")
+    assert c.get("k") == b"v"

@@ -98,6 +98,10 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def _endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _signal(child: Child, sig: int) -> None:
     try:
         os.killpg(child.popen.pid, sig)  # the child leads its own group: take its children too
@@ -127,6 +131,10 @@ class LocalJob:
         env: extra variables for every child.
         start_timeout: seconds the servers may take to report their endpoints.
         grace: seconds between SIGTERM and SIGKILL, and for servers to exit after the workers.
+        server_hosts, worker_hosts: for a job over several nodes, the host of every server and
+            worker (in index order); this supervisor starts those whose host is `host` (this
+            node) and gives every process the whole job's endpoints. Servers on other nodes
+            need their real ports in `ports`; all nodes must share `token`.
 
     Use as a context manager (`with LocalJob(...) as job: job.wait()`) so the
     processes are stopped whatever happens. Not thread-safe.
@@ -136,7 +144,8 @@ class LocalJob:
                  token: str | None = None, strategy_path: str | None = None,
                  host: str = "127.0.0.1", env: dict | None = None, start_timeout: float = 60.0,
                  grace: float = 5.0, python: str = sys.executable, ports: list[int] | None = None,
-                 max_restarts: int = 0, on_restart=None):
+                 max_restarts: int = 0, on_restart=None, server_hosts: list[str] | None = None,
+                 worker_hosts: list[str] | None = None):
         self._check_sizes(n_servers, n_workers)
         self.script, self.script_args = str(script), [str(a) for a in script_args]
         self.n_servers, self.n_workers = n_servers, n_workers
@@ -148,6 +157,15 @@ class LocalJob:
         if ports is not None and len(ports) != n_servers:
             raise LaunchError(f"{len(ports)} server ports for {n_servers} servers")
         self.ports = list(ports) if ports is not None else [0] * n_servers  # 0: a free port
+        self.server_hosts = list(server_hosts) if server_hosts is not None else [host] * n_servers
+        self.worker_hosts = list(worker_hosts) if worker_hosts is not None else [host] * n_workers
+        if len(self.server_hosts) != n_servers or len(self.worker_hosts) != n_workers:
+            raise LaunchError(f"{len(self.server_hosts)} server hosts and {len(self.worker_hosts)} "
+                              f"worker hosts for {n_servers} servers and {n_workers} workers")
+        far = [i for i, h in enumerate(self.server_hosts) if h != host and self.ports[i] == 0]
+        if far:
+            raise LaunchError(f"server(s) {far} run on other nodes: give their real ports "
+                              f"(--servers ip:port,...) so this node's workers can reach them")
         self.max_restarts, self.restarts = max_restarts, 0
         self.on_restart = on_restart  # called with (failed child, restart number) before a restart
         self._common: dict = {}
@@ -171,7 +189,8 @@ class LocalJob:
         # the parent's contract and fleetrun flags stay behind; other settings (SHOAL_PROGRESS, ...) pass
         env = {k: v for k, v in os.environ.items()
                if k not in CONTRACT_VARIABLES and not k.startswith(("PADDLE_", "SHOAL_FLEETRUN_"))}
-        threads = str(max(1, (os.cpu_count() or 1) // (self.n_servers + self.n_workers)))
+        here = sum(h == self.host for h in self.server_hosts + self.worker_hosts)
+        threads = str(max(1, (os.cpu_count() or 1) // max(1, here)))
         for var in _THREAD_VARS:
             env[var] = os.environ.get(var, threads)
         env.setdefault("PYTHONUNBUFFERED", "1")  # a log's last lines are there when a child dies
@@ -231,18 +250,20 @@ class LocalJob:
                                          start_new_session=True)
         common = dict(job_token=self.token, strategy_path=self.strategy_path,
                       log_dir=str(self.log_dir), launch_t0=self.launch_t0)
-        reports = []
-        for i in range(self.n_servers):
+        reports = {}
+        everyone = tuple(_endpoint(h, p) for h, p in zip(self.server_hosts, self.ports))
+        for i in self._here(self.server_hosts):
             report = self.log_dir / f".server{i}.{self._nonce}.endpoint"
             report.unlink(missing_ok=True)
-            reports.append(report)
-            contract = ServerEnv(trainers_num=self.n_workers, server_index=i,
-                                 servers=tuple(f"{self.host}:{p}" for p in self.ports),
-                                 current_endpoint=f"{self.host}:{self.ports[i]}",
-                                 report_path=str(report), **common).to_environ()
+            reports[i] = report
+            contract = ServerEnv(trainers_num=self.n_workers, server_index=i, servers=everyone,
+                                 current_endpoint=everyone[i], report_path=str(report),
+                                 **common).to_environ()
             self.servers.append(self._spawn("server", i, contract))
         deadline = time.monotonic() + self.start_timeout
-        for child, report in zip(self.servers, reports):
+        self.endpoints = list(everyone)  # servers on other nodes bind the ports they were given
+        for child in self.servers:
+            report = reports[child.rank]
             while not report.exists():
                 if child.popen.poll() is not None:
                     raise LaunchError(f"{child.describe()} exited ({child.exit_text()}) before "
@@ -253,18 +274,22 @@ class LocalJob:
                                       f"{self.start_timeout:.0f}s; last lines of {child.log}:\n"
                                       f"{child.tail()}")
                 time.sleep(0.02)
-            self.endpoints.append(report.read_text().strip().replace("tcp://", ""))
+            self.endpoints[child.rank] = report.read_text().strip().replace("tcp://", "")
             report.unlink(missing_ok=True)
         (self.log_dir / "endpoints.log").write_text(
             "".join(f"server {i} {ep}\n" for i, ep in enumerate(self.endpoints)))
         self._common = common
-        for w in range(self.n_workers):
+        for w in self._here(self.worker_hosts):
             self.workers.append(self._spawn_worker(w, restart=0))
         return self.endpoints
 
+    def _here(self, hosts: list[str]) -> list[int]:
+        """The indices of the processes that run on this node."""
+        return [i for i, h in enumerate(hosts) if h == self.host]
+
     def _spawn_worker(self, rank: int, restart: int) -> Child:
         # the workers' own endpoints are only names here (no worker binds them in PS mode)
-        trainers = tuple(f"{self.host}:0" for _ in range(self.n_workers))
+        trainers = tuple(_endpoint(h, 0) for h in self.worker_hosts)
         contract = WorkerEnv(trainers_num=self.n_workers, trainer_id=rank,
                              pservers=tuple(self.endpoints), trainer_endpoints=trainers,
                              current_endpoint=trainers[rank], restart=restart,
@@ -286,7 +311,7 @@ class LocalJob:
             self._tell_janitor(f"gone {child.popen.pid}")
         if self.on_restart is not None:
             self.on_restart(child, self.restarts)
-        self.workers[child.rank] = self._spawn_worker(child.rank, restart=self.restarts)
+        self.workers[self.workers.index(child)] = self._spawn_worker(child.rank, restart=self.restarts)
         return True
 
     # -- supervising ---------------------------------------------------------------
@@ -307,7 +332,8 @@ class LocalJob:
         """Return once every worker exited 0 and the servers are down; raise LaunchError on a failure
         (everything else stopped first) or past `timeout` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while any(c.popen.poll() is None for c in self.workers):
+        # a node with servers only serves until a worker elsewhere stops them (or one fails)
+        while any(c.popen.poll() is None for c in self.workers or self.servers):
             bad = self._failed()
             if bad is not None and self._restart(bad):
                 continue
@@ -403,12 +429,25 @@ class CollectiveJob(LocalJob):
     context cannot be reused); the store keeps serving. Otherwise as LocalJob."""
 
     def __init__(self, script, script_args=(), *, nprocs: int, log_dir, master: str | None = None,
-                 devices: list[str] | None = None, **kw):
+                 devices: list[str] | None = None, nodes: list[str] | None = None, **kw):
         if devices is not None and len(devices) != nprocs:
             raise LaunchError(f"{len(devices)} devices for {nprocs} processes; give one device per "
                               f"process")
-        super().__init__(script, script_args, n_servers=0, n_workers=nprocs, log_dir=log_dir, **kw)
-        self.master, self.devices = master, devices
+        host = kw.get("host", "127.0.0.1")
+        nodes = list(nodes) if nodes is not None else [host]
+        if host not in nodes or len(set(nodes)) != len(nodes):
+            raise LaunchError(f"this node ({host}) must appear once in the nodes {nodes}")
+        if len(nodes) > 1 and master is None:
+            raise LaunchError(f"a job over {len(nodes)} nodes needs --master host:port (on the "
+                              f"first node, {nodes[0]}, which serves the rendezvous store)")
+        if len(nodes) > 1 and kw.get("max_restarts", 0):
+            raise LaunchError("--max_restarts over several nodes is not available: every node would "
+                              "have to restart together; restart the job instead")
+        super().__init__(script, script_args, n_servers=0, n_workers=nprocs * len(nodes),
+                         log_dir=log_dir, worker_hosts=[h for h in nodes for _ in range(nprocs)],
+                         **kw)
+        self.master, self.devices, self.nprocs = master, devices, nprocs
+        self.node = nodes.index(host)
         self.store = None
         self.generation = 0
 
@@ -426,26 +465,27 @@ class CollectiveJob(LocalJob):
                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                          start_new_session=True)
         host, port = parse_endpoint(self.master) if self.master else (self.host, 0)
-        try:
-            self.store = StoreServer(host, port, token=self.token)
-        except RendezvousError as e:
-            raise StoreBindError(str(e)) from e
-        (self.log_dir / "endpoints.log").write_text(f"master {self.store.endpoint}\n")
+        if self.node == 0:  # the first node serves the store; the others reach it at --master
+            try:
+                self.store = StoreServer(host, port, token=self.token)
+            except RendezvousError as e:
+                raise StoreBindError(str(e)) from e
+        self.master = self.store.endpoint if self.store is not None else self.master
+        (self.log_dir / "endpoints.log").write_text(f"master {self.master}\n")
         self._common = dict(job_token=self.token, strategy_path=self.strategy_path,
                             log_dir=str(self.log_dir), launch_t0=self.launch_t0)
-        for rank in range(self.n_workers):
+        for rank in self._here(self.worker_hosts):
             self.workers.append(self._spawn_worker(rank, restart=0))
-        return [self.store.endpoint]
+        return [self.master]
 
     def _spawn_worker(self, rank: int, restart: int) -> Child:
-        trainers = tuple(f"{self.host}:0" for _ in range(self.n_workers))
+        trainers = tuple(_endpoint(h, 0) for h in self.worker_hosts)
         contract = WorkerEnv(trainers_num=self.n_workers, trainer_id=rank, pservers=(),
                              trainer_endpoints=trainers, current_endpoint=trainers[rank],
-                             master=self.store.endpoint, restart=restart,
-                             **self._common).to_environ()
+                             master=self.master, restart=restart, **self._common).to_environ()
         contract["SHOAL_MASTER_SERVED"] = "launcher"
         if self.devices is not None:
-            contract["CUDA_VISIBLE_DEVICES"] = str(self.devices[rank])
+            contract["CUDA_VISIBLE_DEVICES"] = str(self.devices[rank % self.nprocs])
         if restart:
             log = self.log_dir / f"workerlog.{rank}"
             if log.exists():
@@ -461,7 +501,8 @@ class CollectiveJob(LocalJob):
         if self.on_restart is not None:
             self.on_restart(child, self.restarts)
         self.stop()
-        self.workers = [self._spawn_worker(r, restart=self.generation) for r in range(self.n_workers)]
+        self.workers = [self._spawn_worker(r, restart=self.generation)
+                        for r in self._here(self.worker_hosts)]
         return True
 
     def close(self) -> None:

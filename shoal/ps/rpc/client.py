@@ -475,6 +475,7 @@ class RpcClient:
                 s.rcvhwm = 0
                 s.maxmsgsize = 2 * self.max_bytes + wire.MAX_HEADER_BYTES
                 monitors.append(s.get_monitor_socket(_MONITOR_EVENTS))
+                s.ipv6 = ep.startswith("tcp://[")
                 s.connect(ep)
         except BaseException as e:
             self._start_error = (e if isinstance(e, PSError) else

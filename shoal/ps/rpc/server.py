@@ -287,6 +287,7 @@ class RpcServer:
             sock.sndhwm = 0  # a full send queue would make ROUTER drop replies silently
             sock.rcvhwm = 1000
             sock.linger = 0
+            sock.ipv6 = self._bind_to.startswith("tcp://[")  # [v6 addr]:port
             sock.bind(self._bind_to)
         except zmq.ZMQError as e:
             sock.close(0)

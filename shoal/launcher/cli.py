@@ -1,6 +1,12 @@
 """fleetrun: start a Shoal job's servers and workers (`fleetrun [options] script.py [args]`).
 
     fleetrun --server_num 2 --worker_num 2 examples/ctr_dnn.py --strategy ps_async
+    fleetrun --backend ray --ray_address HEAD:6379 --server_num 1 --worker_num 2 script.py
+    fleetrun submit --ray_address http://HEAD:8265 --server_num 1 --worker_num 2 script.py
+
+`--backend ray` runs every server and worker as a Ray actor on an existing Ray cluster (this
+process supervises them); `fleetrun submit` sends that whole job through Ray job submission
+with the script's directory as its working_dir, streams its logs and exits with its outcome.
 
 Every flag is also read from SHOAL_FLEETRUN_<FLAG> (e.g. SHOAL_FLEETRUN_SERVER_NUM=2); the
 command line wins. Flags never come from the contract variables fleetrun sets for its children
@@ -17,10 +23,13 @@ import os
 import signal
 import sys
 import threading
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from shoal.configs.cluster import parse_endpoint
 from shoal.configs.errors import ConfigError
+from shoal.launcher import _ray
 from shoal.launcher.errors import LaunchError, StoreBindError
 from shoal.launcher.local import CollectiveJob, LocalJob, LogDirBusyError
 
@@ -43,7 +52,9 @@ _FLAGS = [
                              "collective: every rank restarts, under a new rendezvous)"),
     ("job_id", str, "default", "a name for the job (log lines, Ray)"),
     ("backend", str, "local", "where processes run: local or ray"),
-    ("ray_address", str, None, "Ray backend: the cluster address (default RAY_ADDRESS)"),
+    ("ray_address", str, None, "Ray backend: the cluster address HOST:PORT (GCS) or ray://HOST:PORT; "
+                               "fleetrun submit also takes the dashboard's http://HOST:8265 "
+                               "(default RAY_ADDRESS)"),
     ("server_cpus", float, 1.0, "Ray backend: CPUs per server actor"),
     ("worker_cpus", float, 1.0, "Ray backend: CPUs per worker actor"),
     ("worker_gpus", float, 0.0, "Ray backend: GPUs per worker actor"),
@@ -66,7 +77,9 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="fleetrun", description=__doc__.split("\n\n")[0],
                 epilog="Every flag can also be set as SHOAL_FLEETRUN_<FLAG> in the environment "
-                       "(e.g. SHOAL_FLEETRUN_WORKER_NUM=4); the command line wins.",
+                       "(e.g. SHOAL_FLEETRUN_WORKER_NUM=4); the command line wins. "
+                       "`fleetrun submit [options] script.py [args]` sends a --backend ray job "
+                       "through Ray job submission instead of running it here.",
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, kind, default, text in _FLAGS:
         env = _ENV_PREFIX + name.upper()
@@ -78,9 +91,11 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse(argv: list[str], environ=os.environ) -> argparse.Namespace:
-    """The options, from the command line, then SHOAL_FLEETRUN_* variables, then defaults."""
+def parse(argv: list[str], environ=os.environ, *, submitting: bool = False) -> argparse.Namespace:
+    """The options, from the command line, then SHOAL_FLEETRUN_* variables, then defaults.
+    `submitting`: for `fleetrun submit` (the job runs on the cluster: no local log_dir is made)."""
     args = _parser().parse_args(argv)
+    args.submitting = submitting
     for name, kind, default, _ in _FLAGS:
         if getattr(args, name) is not None:
             continue
@@ -93,19 +108,20 @@ def parse(argv: list[str], environ=os.environ) -> argparse.Namespace:
                                  f"--{name}") from None
         else:
             setattr(args, name, default)
-    return _check(args)
+    return _check(args, environ)
 
 
-def _check(args) -> argparse.Namespace:
+def _check(args, environ=os.environ) -> argparse.Namespace:
     ps = [f for f in _PS_FLAGS if getattr(args, f) is not None]
     coll = [f for f in _COLLECTIVE_FLAGS if getattr(args, f) is not None]
     if ps and coll:
         raise UsageError(f"--{ps[0]} (parameter-server mode) and --{coll[0]} (collective mode) "
                          f"cannot be used together; give the flags of one mode")
     args.collective = not ps
-    if args.backend != "local":
-        raise UsageError(f"--backend {args.backend!r}: only the local backend is available in this "
-                         f"build (the Ray backend is not yet)")
+    if args.backend not in _BACKENDS:
+        raise UsageError(f"--backend {args.backend!r} is not a backend; the backends are "
+                         f"{', '.join(_BACKENDS)}")
+    _BACKENDS[args.backend].check(args, environ)
     if args.max_restarts < 0:
         raise UsageError(f"--max_restarts {args.max_restarts} must be >= 0")
     if args.collective:
@@ -152,11 +168,39 @@ def _check(args) -> argparse.Namespace:
 def _check_common(args) -> argparse.Namespace:
     if not Path(args.script).is_file():
         raise UsageError(f"script {args.script!r} does not exist")
+    if args.submitting:
+        return args
     try:
         Path(args.log_dir).mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise UsageError(f"--log_dir {args.log_dir}: {e.strerror or e}") from None
     return args
+
+
+def _check_ray(args, environ) -> None:
+    """The Ray backend's flags (before the mode's own checks)."""
+    if args.collective:
+        raise UsageError("--backend ray runs parameter-server jobs only: collective mode on Ray is "
+                         "not available in this build yet; start a PS job with --server_num N "
+                         "--worker_num M")
+    for flag in ("servers", "workers", "start_port"):
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} is for the local backend: on Ray each server binds a free "
+                             f"port on its actor's node and Ray places the workers; give "
+                             f"--server_num N --worker_num M")
+    if not _ray.ray_installed():
+        raise UsageError("--backend ray needs Ray, which is not installed: pip install 'shoal[ray]'")
+    address = args.ray_address or environ.get("RAY_ADDRESS")
+    if not address:
+        raise UsageError("--backend ray needs a Ray cluster: give --ray_address HOST:PORT (the "
+                         "head's GCS port, 6379 by default) or set RAY_ADDRESS")
+    if address.startswith(("http://", "https://")) and not args.submitting:
+        raise UsageError(f"--ray_address {address} is the dashboard's (job submission) address; "
+                         f"--backend ray needs the cluster address HOST:PORT (GCS, 6379 by default) "
+                         f"or ray://HOST:10001; `fleetrun submit` takes either")
+    for flag in ("server_cpus", "worker_cpus", "worker_gpus"):
+        if getattr(args, flag) < 0:
+            raise UsageError(f"--{flag} {getattr(args, flag):g} must be >= 0")
 
 
 def _check_collective(args) -> argparse.Namespace:
@@ -212,24 +256,31 @@ def _strategy_path(name: str | None) -> str | None:
     return str(Path(shoal.configs.__file__).with_name("presets") / f"{name}.yaml")
 
 
-class _Tail(threading.Thread):
-    """Streams a growing log file to our stdout with a prefix (rank 0's output)."""
+def _file_reader(path: Path) -> Callable[[int, int], bytes]:
+    def read(pos: int, size: int) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                return f.read(size)
+        except FileNotFoundError:
+            return b""
+    return read
 
-    def __init__(self, path: Path, prefix: str):
+
+class _Tail(threading.Thread):
+    """Streams a growing log to our stdout with a prefix (rank 0's output); `read(pos, size)`
+    gives the log's bytes from pos (a local file, or an actor's log on another node)."""
+
+    def __init__(self, read: Callable[[int, int], bytes], prefix: str):
         super().__init__(name="fleetrun-tail", daemon=True)
-        self.path, self.prefix, self.done = path, prefix, threading.Event()
+        self.read, self.prefix, self.done = read, prefix, threading.Event()
 
     def run(self) -> None:
         pos, rest = 0, b""
         while True:
             finishing = self.done.is_set()
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(pos)
-                    chunk = f.read(_TAIL_CHUNK)
-                    pos += len(chunk)
-            except FileNotFoundError:
-                chunk = b""
+            chunk = self.read(pos, _TAIL_CHUNK)
+            pos += len(chunk)
             lines = (rest + chunk).split(b"\n")
             rest = lines.pop()
             for line in lines:
@@ -270,8 +321,42 @@ def _job(args):
     return job, ports
 
 
+def _ray_job(args):
+    """The Ray backend's supervisor (PS mode only; its servers bind free ports)."""
+    job = _ray.RayJob(args.script, args.script_args, n_servers=args.server_num,
+                      n_workers=args.worker_num, log_dir=args.log_dir, address=args.ray_address,
+                      token=os.environ.get("SHOAL_JOB_TOKEN"),
+                      strategy_path=_strategy_path(args.strategy), server_cpus=args.server_cpus,
+                      worker_cpus=args.worker_cpus, worker_gpus=args.worker_gpus,
+                      max_restarts=args.max_restarts,
+                      on_restart=lambda child, n: print(
+                          f"fleetrun: {child.describe()} failed ({child.exit_text()}); restarting "
+                          f"it ({n} of {args.max_restarts}); its log so far is "
+                          f"{child.log}.restart{n - 1} on {child.ip}", file=sys.stderr, flush=True))
+    return job, None
+
+
+@dataclass(frozen=True)
+class _Backend:
+    """Where a job's processes run: the backend's flag checks, its supervisor, and how
+    worker 0's log is read for the console."""
+
+    check: Callable[[argparse.Namespace, dict], None]   # raises UsageError
+    job: Callable                                       # args -> (job, fixed server ports)
+    reader: Callable                                    # (job, args) -> read(pos, size) -> bytes
+
+
+_BACKENDS = {
+    "local": _Backend(lambda args, environ: None, _job,
+                      lambda job, args: _file_reader(Path(args.log_dir) / "workerlog.0")),
+    "ray": _Backend(_check_ray, _ray_job,
+                    lambda job, args: lambda pos, size: job.read_log(0, pos, size)),
+}
+
+
 def run(args) -> int:
-    job, ports = _job(args)
+    backend = _BACKENDS[args.backend]
+    job, ports = backend.job(args)
     stopping = {"signal": None}
 
     def on_signal(sig, _frame):
@@ -281,7 +366,7 @@ def run(args) -> int:
         stopping["signal"] = sig
         raise KeyboardInterrupt
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    tail = _Tail(Path(args.log_dir) / "workerlog.0", "[worker 0] ")
+    tail = _Tail(backend.reader(job, args), "[worker 0] ")
     finished = False
     try:
         job.start()
@@ -295,7 +380,7 @@ def run(args) -> int:
         print(f"fleetrun: stopped by {signal.Signals(stopping['signal']).name}; every process of "
               f"the job is stopped", file=sys.stderr)
         return 128 + int(stopping["signal"])
-    except LogDirBusyError as e:
+    except (LogDirBusyError, _ray.RayUnavailableError) as e:  # no cluster there: a bad address
         print(f"fleetrun: {e}", file=sys.stderr)
         return 2
     except StoreBindError as e:  # the rendezvous store could not bind --master / --start_port
@@ -326,6 +411,9 @@ def run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["submit"]:
+        from shoal.launcher._submit import main as submit_main
+        return submit_main(argv[1:])
     try:
         args = parse(argv)
     except UsageError as e:

@@ -119,11 +119,19 @@ def connect(address: str | None, timeout: float = 5.0) -> bool:
                                   f"6379 by default) or ray://HOST:10001; `fleetrun submit` takes "
                                   f"either form")
     check_reachable(address, timeout)
+    # ray.init makes SIGTERM exit the process at once (and its core dumps a stack for it):
+    # the caller's handlers (fleetrun's graceful stop) are put back
+    main = threading.current_thread() is threading.main_thread()
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)} if main else {}
     try:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
     except Exception as e:  # ConnectionError, ValueError, an authentication failure ...
         raise RayUnavailableError(f"could not connect to the Ray cluster at {address}: "
                                   f"{_first_line(e)}") from e
+    finally:
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     return True
 
 

@@ -64,8 +64,10 @@ def _clean_env(home: Path) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PADDLE_", "SHOAL_", "OMP_", "OPENBLAS_", "MKL_", "RAY_"))
            and k not in ("TRAINING_ROLE", "PYTHONUNBUFFERED")}
+    # RAY_JOB_STOP_WAIT_TIME_S: a stopped job's fleetrun gets time for its graceful stop
+    # (Ray's default, 3 s, SIGKILLs it sooner; the actors then die with their owner)
     env.update(PYTHONPATH=str(REPO), HOME=str(home), RAY_AUTH_MODE="disabled",
-               RAY_USAGE_STATS_ENABLED="0")
+               RAY_USAGE_STATS_ENABLED="0", RAY_JOB_STOP_WAIT_TIME_S="15")
     return env
 
 

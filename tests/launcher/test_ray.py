@@ -157,22 +157,27 @@ def test_a_killed_actor_fails_the_job_naming_its_role(ray_head, tmp_path):
     assert _nothing_left(str(tmp_path))  # its script died with it (PDEATHSIG)
 
 
-def test_ctrl_c_stops_every_actor_and_script_and_no_actor_holds_the_token(ray_head, tmp_path):
-    """SIGINT to fleetrun: exit 130, nothing left; the actors (the scripts' parents) never had
-    the token in their own environment: it came by a method call."""
+@pytest.mark.parametrize("sig,action,code", [(signal.SIGINT, "spawn-hang", 130),
+                                             (signal.SIGTERM, "hang", 143)])
+def test_a_signal_stops_every_actor_and_script_and_no_actor_holds_the_token(ray_head, tmp_path, sig,
+                                                                             action, code):
+    """SIGINT/SIGTERM to fleetrun (Ray's own SIGTERM exit is not in the way): everything is
+    stopped; the actors (the scripts' parents) never had the token in their environment: it
+    came by a method call."""
     token = f"ray-test-{os.getpid()}-{time.monotonic_ns()}"
-    with _running(ray_head, tmp_path, "spawn-hang", token) as (p, out):
+    with _running(ray_head, tmp_path, action, token) as (p, out):
         for name in ("server0", "worker0", "worker1"):
             pid = json.loads((out / f"{name}.json").read_text())["pid"]
             actor = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
             assert b"ray::_RoleActor" in Path(f"/proc/{actor}/cmdline").read_bytes()
             assert token.encode() not in Path(f"/proc/{actor}/environ").read_bytes()
-        assert len(list(out.glob("grandchild*"))) == 2  # they ignore SIGTERM: the group is SIGKILLed
-        time.sleep(0.5)  # the grandchildren have set SIGTERM aside by now
-        p.send_signal(signal.SIGINT)
+        if action == "spawn-hang":  # grandchildren that ignore SIGTERM: the group is SIGKILLed
+            assert len(list(out.glob("grandchild*"))) == 2
+            time.sleep(0.5)  # they have set SIGTERM aside by now
+        p.send_signal(sig)
         _, err = p.communicate(timeout=30)
-    assert p.returncode == 130, err
-    assert "stopped by SIGINT" in err
+    assert p.returncode == code, err
+    assert f"stopped by {sig.name}" in err
     assert _nothing_left(str(tmp_path))
 
 
@@ -201,6 +206,31 @@ def test_submit_runs_the_job_and_brings_its_logs_back(ray_head, tmp_path):
     assert "[worker 0] worker 0 up" in stdout, stdout  # the job's driver printed it on the cluster
     assert "SUCCEEDED" in err
     assert sorted(p.stem for p in out.glob("*.json")) == ["server0", "worker0"]
+    assert _nothing_left(str(tmp_path))
+
+
+def test_ctrl_c_of_submit_stops_the_job(ray_head, tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "roles.py").write_text(ROLES.read_text())
+    out = tmp_path / "out"
+    out.mkdir()
+    p = _popen(ray_head, ["-m", "shoal.launcher", "submit", "--ray_address", ray_head.address,
+                          "--server_num", 1, "--worker_num", 1, job / "roles.py", out, "hang", "-"])
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / "worker0.json").exists():
+            assert time.monotonic() < deadline and p.poll() is None, p.communicate()[1][-3000:]
+            time.sleep(0.05)
+        p.send_signal(signal.SIGINT)
+        stdout, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.communicate(timeout=10)
+    assert p.returncode == 130, err
+    assert "is STOPPED" in err, err
+    assert "fleetrun: stopped by SIGTERM" in stdout  # the job's own fleetrun stopped gracefully
     assert _nothing_left(str(tmp_path))
 
 

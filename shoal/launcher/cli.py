@@ -195,7 +195,8 @@ def _check_ray(args, environ) -> None:
         raise UsageError("--backend ray needs a Ray cluster: give --ray_address HOST:PORT (the "
                          "head's GCS port, 6379 by default) or set RAY_ADDRESS")
     if address.startswith(("http://", "https://")) and not args.submitting:
-        raise UsageError(f"--ray_address {address} is the dashboard's (job submission) address; "
+        given = f"--ray_address {address}" if args.ray_address else f"RAY_ADDRESS={address}"
+        raise UsageError(f"{given} is the dashboard's (job submission) address; "
                          f"--backend ray needs the cluster address HOST:PORT (GCS, 6379 by default) "
                          f"or ray://HOST:10001; `fleetrun submit` takes either")
     for flag in ("server_cpus", "worker_cpus", "worker_gpus"):

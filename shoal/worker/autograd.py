@@ -119,14 +119,21 @@ def accumulate(a, b):
 
 
 def _toposort(start) -> list:
-    """Nodes reachable from `start` (Functions and leaf tensors), inputs before users."""
-    order, seen = [], {id(start)}
+    """Nodes reachable from `start` (Functions and leaf tensors), inputs before users.
+
+    An iterative depth-first post-order: a node is appended once everything it reaches has been,
+    so in reverse every node comes after all of its users (a tensor used twice, as in a residual
+    block, gets both gradients before it passes its own on)."""
+    order, visited = [], set()
     stack = [(start, False)]
     while stack:
         node, expanded = stack.pop()
         if expanded:
             order.append(node)
             continue
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
         stack.append((node, True))
         if not isinstance(node, Function):
             continue
@@ -135,8 +142,7 @@ def _toposort(start) -> list:
                 "backward() through a graph that an earlier backward() already freed; "
                 "pass retain_graph=True to the first backward() to run it twice")
         for edge, need in zip(node.edges, node.needs_grad):
-            if need and id(edge) not in seen:
-                seen.add(id(edge))
+            if need and id(edge) not in visited:
                 stack.append((edge, False))
     return order
 

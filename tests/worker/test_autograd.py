@@ -435,3 +435,37 @@ def test_deep_chain_can_be_dropped_without_backward():
         y = y + 1.0
     np.testing.assert_array_equal(y.numpy(), [5001.0, 5002.0])
     del y  # freeing a 5000-node graph must not overflow the C stack
+
+
+def test_a_tensor_used_twice_gets_both_gradients_before_passing_its_own():
+    import shoal
+    import shoal.nn as nn
+    leaf = shoal.to_tensor(np.ones(3, np.float32), stop_gradient=False)
+    (leaf + leaf * 2).sum().backward()
+    np.testing.assert_array_equal(leaf.grad.numpy(), [3, 3, 3])
+    x = shoal.to_tensor(np.ones(3, np.float32), stop_gradient=False)
+    h = x * 1
+    (h + h * 2).sum().backward()   # an intermediate used twice (a diamond)
+    np.testing.assert_array_equal(x.grad.numpy(), [3, 3, 3])
+    # a residual block against finite differences
+    shoal.seed(3)
+    fc1, fc2 = nn.Linear(3, 4), nn.Linear(4, 4)
+    xs = shoal.to_tensor(np.random.default_rng(0).normal(size=(2, 3)), dtype="float64")
+    fc1.to(dtype="float64")
+    fc2.to(dtype="float64")
+
+    def loss():
+        h = fc1(xs)
+        return ((h + fc2(shoal.tanh(h))) ** 2).sum()
+    loss().backward()
+    w, eps = fc1.weight.data, 1e-6
+    numeric = np.zeros_like(w)
+    for idx in np.ndindex(w.shape):
+        old = w[idx]
+        w[idx] = old + eps
+        up = float(loss().numpy())
+        w[idx] = old - eps
+        down = float(loss().numpy())
+        w[idx] = old
+        numeric[idx] = (up - down) / (2 * eps)
+    np.testing.assert_allclose(fc1.weight.grad.numpy(), numeric, rtol=1e-5, atol=1e-7)

@@ -17,6 +17,7 @@ failed and its traceback, within seconds. Returns the functions' return values, 
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import queue
@@ -61,6 +62,20 @@ def _entry(func, args, kwargs, rank, env, results, parent):
         sys.stderr.flush()
         os._exit(1)
     results.put((rank, True, value))
+
+
+@contextlib.contextmanager
+def _environ(extra: dict):
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _describe(code: int | None) -> str:
@@ -114,7 +129,8 @@ def spawn(func, args=(), nprocs: int = 1, *, kwargs=None, host: str = "127.0.0.1
                 p = ctx.Process(target=_entry, args=(func, tuple(args), dict(kwargs or {}), rank,
                                                      child_env, results, os.getpid()),
                                 name=f"shoal-rank{rank}", daemon=False)
-                p.start()
+                with _environ(child_env):  # inherited at start: BLAS reads its threads at import
+                    p.start()
                 procs.append(p)
             return _supervise(procs, results, timeout)
         finally:

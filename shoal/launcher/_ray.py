@@ -1,10 +1,10 @@
 """The Ray backend: a PS job's servers and workers as Ray actors on an existing Ray cluster.
 
-Each role is one actor (`_RoleActor`, num_cpus / num_gpus from fleetrun's flags) that runs
-the user's script as a child process of its own on its node: in its own process group, with
-PR_SET_PDEATHSIG to the actor and a janitor beside it (as in the local backend), output to
-`<log_dir>/serverlog.N` / `workerlog.N` on that node. A killed actor takes its script and the
-script's children with it.
+Each role is one actor (`_ray_actor._RoleActor`, num_cpus / num_gpus from fleetrun's flags)
+that runs the user's script as a child process of its own on its node: in its own process
+group, with PR_SET_PDEATHSIG to the actor and a janitor beside it (as in the local backend),
+output to `<log_dir>/serverlog.N` / `workerlog.N` on that node. A killed actor takes its
+script and the script's children with it.
 
 The driver (`RayJob`, in fleetrun) supervises as `LocalJob` does, through actor method calls:
 it creates every actor, asks each for its node's address (ray.util.get_node_ip_address() on
@@ -26,7 +26,6 @@ import os
 import secrets
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -37,8 +36,7 @@ from urllib.parse import urlsplit
 
 from shoal.configs.cluster import CONTRACT_VARIABLES, ServerEnv, WorkerEnv
 from shoal.launcher.errors import LaunchError
-from shoal.launcher.local import (_JANITOR, _THREAD_VARS, Child, LogDirBusyError, _die_with_parent,
-                                  _group_alive, _signal)
+from shoal.launcher.local import _THREAD_VARS, LogDirBusyError
 
 _INSTALL = "pip install 'shoal[ray]'"
 _CALL_TIMEOUT = 10.0   # seconds an actor has to answer a control call
@@ -149,122 +147,13 @@ def _first_line(err: BaseException, limit: int = 300) -> str:
     return (text[0] if text else type(err).__name__)[:limit]
 
 
-# --- the actor (runs on a Ray worker process) ----------------------------------------------
-
-class _RoleActor:
-    """One role of the job on its node: runs the script as its child. A Ray actor once wrapped
-    by ray.remote (`_actor_class`); its methods are the driver's control calls, run one at a
-    time (Ray's default for a synchronous actor)."""
-
-    def __init__(self, role: str, rank: int):
-        self.role, self.rank = role, rank
-        self.child: Child | None = None
-        self.report: Path | None = None
-        # SIGKILLs the script's process group if this actor dies (its stdin then closes); it
-        # forks away first: Ray kills a dying worker's direct children, the janitor included
-        self._janitor = subprocess.Popen([sys.executable, "-c", _DETACHED_JANITOR],
-                                         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                         stderr=subprocess.DEVNULL, start_new_session=True)
-        self._janitor.wait(timeout=30)  # the parent half exits at once; its child reads on
-
-    def node(self) -> dict:
-        import ray
-        return {"ip": ray.util.get_node_ip_address(), "pid": os.getpid(), "cwd": os.getcwd()}
-
-    def start(self, spec: dict) -> dict:
-        """Start the script: spec has script, script_rel, args, log_dir, env, report, keep_log_as."""
-        if self.child is not None and self.child.popen.poll() is None:
-            raise RuntimeError(f"{self.role} {self.rank} is still running")
-        script = spec["script"]
-        if not os.path.isfile(script):  # not at the driver's path here: try the job's working dir
-            script = spec["script_rel"]
-            if script is None or not os.path.isfile(script):
-                raise FileNotFoundError(f"script {spec['script']} is not on this node "
-                                        f"({self.node()['ip']}, cwd {os.getcwd()}); put it there at "
-                                        f"the same path, or use `fleetrun submit`, which ships it")
-        log_dir = Path(spec["log_dir"])
-        log_dir.mkdir(parents=True, exist_ok=True)
-        log = log_dir / f"{self.role}log.{self.rank}"
-        if spec.get("keep_log_as") and log.exists():
-            log.replace(log_dir / spec["keep_log_as"])
-        env = {k: v for k, v in os.environ.items()
-               if k not in CONTRACT_VARIABLES and not k.startswith(("PADDLE_", "SHOAL_FLEETRUN_"))}
-        env.update(spec["env"])
-        self.report = Path(spec["report"]) if spec.get("report") else None
-        if self.report is not None:
-            self.report.unlink(missing_ok=True)
-        with open(log, "wb") as out:
-            popen = subprocess.Popen([sys.executable, script, *spec["args"]], env=env,
-                                     stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     start_new_session=True, preexec_fn=_die_with_parent(os.getpid()))
-        self._tell(f"group {popen.pid}")
-        self.child = Child(self.role, self.rank, popen, log)
-        return {"pid": popen.pid, "log": str(log)}
-
-    def poll(self) -> int | None:
-        return None if self.child is None else self.child.popen.poll()
-
-    def endpoint(self) -> str | None:
-        """The server's reported endpoint once it has written it, else None."""
-        if self.report is None or not self.report.exists():
-            return None
-        text = self.report.read_text().strip().replace("tcp://", "")
-        self.report.unlink(missing_ok=True)
-        return text or None
-
-    def read_log(self, offset: int, size: int) -> bytes:
-        if self.child is None:
-            return b""
-        try:
-            with open(self.child.log, "rb") as f:
-                f.seek(offset)
-                return f.read(size)
-        except OSError:
-            return b""
-
-    def tail(self, lines: int = 20) -> str:
-        return "(not started)" if self.child is None else self.child.tail(lines)
-
-    def stop(self, grace: float) -> tuple[int | None, bool]:
-        """SIGTERM the script's group, SIGKILL what is left after `grace` s; returns (exit status,
-        whether the script was still running: then its exit is this stop's doing)."""
-        c = self.child
-        if c is None:
-            return None, False
-        running = c.popen.poll() is None
-        if _group_alive(c):
-            _signal(c, signal.SIGTERM if grace > 0 else signal.SIGKILL)
-        end = time.monotonic() + grace
-        while _group_alive(c) and time.monotonic() < end:
-            time.sleep(0.05)
-        if _group_alive(c):
-            _signal(c, signal.SIGKILL)
-        try:
-            c.popen.wait(timeout=10)
-        except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL cannot be ignored
-            pass
-        end = time.monotonic() + 5
-        while _group_alive(c) and time.monotonic() < end:
-            time.sleep(0.02)
-        if not _group_alive(c):
-            self._tell(f"gone {c.popen.pid}")
-        return c.popen.returncode, running
-
-    def _tell(self, line: str) -> None:
-        try:
-            self._janitor.stdin.write(f"{line}\n".encode())
-            self._janitor.stdin.flush()
-        except OSError:
-            pass
-
-
-_DETACHED_JANITOR = "import os\nif os.fork():\n    os._exit(0)\n" + _JANITOR
 _ACTOR = None
 
 
 def _actor_class():
     global _ACTOR
     if _ACTOR is None:
+        from shoal.launcher._ray_actor import _RoleActor
         _ACTOR = require_ray().remote(_RoleActor)
     return _ACTOR
 
@@ -381,7 +270,8 @@ class RayJob:
             actor = cls.options(num_cpus=self.cpus["server"]).remote("server", i)
             self.servers.append(RayChild("server", i, actor))
         for w in range(self.n_workers):
-            actor = cls.options(num_cpus=self.cpus["worker"], num_gpus=self.worker_gpus).remote("worker", w)
+            actor = cls.options(num_cpus=self.cpus["worker"],
+                                num_gpus=self.worker_gpus).remote("worker", w)
             self.workers.append(RayChild("worker", w, actor))
         children = self.servers + self.workers
         refs = [c.actor.node.remote() for c in children]

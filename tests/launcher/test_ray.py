@@ -98,7 +98,7 @@ def test_every_role_gets_the_contract_and_the_token_never_rides_in_a_runtime_env
     assert sorted(envs) == ["server0", "worker0", "worker1"]
     servers = envs["worker0"]["PADDLE_PSERVERS_IP_PORT_LIST"].split(",")
     assert len(servers) == 1 and servers[0].startswith("127.0.0.1:") and not servers[0].endswith(":0")
-    assert envs["worker1"]["PADDLE_PSERVERS_IP_PORT_LIST"] == envs["worker0"]["PADDLE_PSERVERS_IP_PORT_LIST"]
+    assert envs["worker1"]["PADDLE_PSERVERS_IP_PORT_LIST"] == ",".join(servers)
     for name, env in envs.items():
         assert env["SHOAL_JOB_TOKEN"] == token and env["PADDLE_TRAINERS_NUM"] == "2"
         assert env["TRAINING_ROLE"] == ("PSERVER" if name.startswith("server") else "TRAINER")

@@ -106,6 +106,13 @@ def init_parallel_env(backend: str | None = None, *, timeout: float | None = Non
         rank, size, master, token, restart = (env.trainer_id, env.trainers_num, env.master,
                                               env.job_token, env.restart)
         host = parse_endpoint(env.current_endpoint)[0]
+        families = {":" in parse_endpoint(e)[0] for e in env.trainer_endpoints}
+        if len(families) > 1 and (backend or _default_backend()) == "gloo":
+            raise ContractError(
+                f"PADDLE_TRAINER_ENDPOINTS mixes IPv4 and IPv6 addresses "
+                f"({','.join(env.trainer_endpoints)}): Gloo connects ranks of one address family "
+                f"only; give every node an IPv4 address (or every node an IPv6 one) in --ips",
+                ["PADDLE_TRAINER_ENDPOINTS mixes address families"], ["PADDLE_TRAINER_ENDPOINTS"])
         server = None
         if rank == 0 and os.environ.get("SHOAL_MASTER_SERVED") != "launcher":
             server = StoreServer(*parse_endpoint(master), token=token)

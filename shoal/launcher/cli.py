@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 import threading
 from dataclasses import dataclass
@@ -44,7 +45,9 @@ _FLAGS = [
     ("devices", str, None, "collective mode: device ids, e.g. '0,1'"),
     ("gpus", str, None, "collective mode: the same as --devices"),
     ("ips", str, None, "collective mode: node ips 'ip,...'"),
-    ("master", str, None, "collective mode: rendezvous endpoint ip:port"),
+    ("master", str, None, "collective mode: rendezvous endpoint ip:port (on the first of --ips)"),
+    ("node_ip", str, None, "this node's address among --servers/--workers/--ips (default: the one "
+                           "listed address that belongs to this machine)"),
     ("log_dir", str, "log", "directory of workerlog.N, serverlog.N, endpoints.log"),
     ("strategy", str, None, "a strategy YAML file or a preset name (ps_sync, ps_async, ...)"),
     ("start_port", int, None, "servers bind start_port, start_port+1, ... (default: free ports)"),
@@ -60,7 +63,6 @@ _FLAGS = [
     ("worker_gpus", float, 0.0, "Ray backend: GPUs per worker actor"),
 ]
 _PS_FLAGS = ("server_num", "worker_num", "servers", "workers")
-_LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 _TAIL_CHUNK = 1 << 20
 _COLLECTIVE_FLAGS = ("nproc_per_node", "devices", "gpus", "ips", "master")
 
@@ -126,35 +128,42 @@ def _check(args, environ=os.environ) -> argparse.Namespace:
         raise UsageError(f"--max_restarts {args.max_restarts} must be >= 0")
     if args.collective:
         return _check_collective(args)
+    args.server_hosts = args.worker_hosts = None
     if args.servers is not None:
         endpoints = [e.strip() for e in args.servers.split(",") if e.strip()]
+        hosts = []
         for e in endpoints:
             try:
-                host, _ = parse_endpoint(e)
+                host, port = parse_endpoint(e)
             except ValueError as err:
                 raise UsageError(f"--servers: {err}") from None
-            if host not in _LOCAL_HOSTS:
-                raise UsageError(f"--servers {e}: only this machine ({', '.join(_LOCAL_HOSTS)}) in "
-                                 f"this build; jobs over several nodes are not available yet")
+            if port == 0:
+                raise UsageError(f"--servers {e}: give each server its real port (or leave "
+                                 f"--servers unset: --server_num N servers bind free ports)")
+            hosts.append(host)
         if len(set(endpoints)) != len(endpoints):
             raise UsageError(f"--servers lists an endpoint twice: {args.servers}")
         if args.server_num is not None and args.server_num != len(endpoints):
             raise UsageError(f"--server_num {args.server_num} disagrees with the "
                              f"{len(endpoints)} endpoints of --servers")
         args.server_num = len(endpoints)
-        args.server_endpoints = endpoints
+        args.server_endpoints, args.server_hosts = endpoints, hosts
     else:
         args.server_endpoints = None
     if args.workers is not None:
         ips = [w.strip() for w in args.workers.split(",") if w.strip()]
-        far = [ip for ip in ips if ip not in _LOCAL_HOSTS]
-        if far:
-            raise UsageError(f"--workers {far[0]}: only this machine ({', '.join(_LOCAL_HOSTS)}) in "
-                             f"this build; jobs over several nodes are not available yet")
         if args.worker_num is not None and args.worker_num != len(ips):
             raise UsageError(f"--worker_num {args.worker_num} disagrees with the {len(ips)} ips "
                              f"of --workers")
         args.worker_num = len(ips)
+        args.worker_hosts = ips
+    listed = (args.server_hosts or []) + (args.worker_hosts or [])
+    args.node = _this_node(args, listed, "--servers/--workers", environ) if listed else \
+        (args.node_ip or "127.0.0.1")
+    if args.server_num is not None and args.server_hosts is None:
+        args.server_hosts = [args.node] * args.server_num      # free ports on this node
+    if args.worker_num is not None and args.worker_hosts is None:
+        args.worker_hosts = [args.node] * args.worker_num
     for flag in ("server_num", "worker_num"):
         value = getattr(args, flag)
         if value is None or value < 1:
@@ -223,25 +232,73 @@ def _check_collective(args) -> argparse.Namespace:
     if args.nproc_per_node < 1:
         raise UsageError(f"--nproc_per_node {args.nproc_per_node}: a collective job needs at least "
                          f"one process; give --nproc_per_node N with N >= 1")
+    args.nodes = None
     if args.ips is not None:
-        ips = [ip.strip() for ip in args.ips.split(",") if ip.strip()]
-        far = [ip for ip in ips if ip not in _LOCAL_HOSTS]
-        if far or len(ips) > 1:
-            raise UsageError(f"--ips {args.ips}: only this machine ({', '.join(_LOCAL_HOSTS)}) in "
-                             f"this build; jobs over several nodes are not available yet")
+        args.nodes = list(dict.fromkeys(ip.strip() for ip in args.ips.split(",") if ip.strip()))
+        if not args.nodes:
+            raise UsageError(f"--ips {args.ips!r}: give the nodes' addresses, e.g. 10.0.0.1,10.0.0.2")
+        args.node = _this_node(args, args.nodes, "--ips", os.environ)
+    else:
+        args.node = args.node_ip or "127.0.0.1"
     if args.master is not None:
         try:
             host, _ = parse_endpoint(args.master)
         except ValueError as err:
             raise UsageError(f"--master: {err}") from None
-        if host not in _LOCAL_HOSTS:
-            raise UsageError(f"--master {args.master}: only this machine ({', '.join(_LOCAL_HOSTS)}) "
-                             f"in this build; jobs over several nodes are not available yet")
+        first = args.nodes[0] if args.nodes else args.node
+        if host != first:
+            raise UsageError(f"--master {args.master}: the rendezvous store runs on the first node "
+                             f"({first}); give --master {first}:PORT")
     elif args.start_port is not None:
         if not 1 <= args.start_port <= 65535:
             raise UsageError(f"--start_port {args.start_port} must lie in [1, 65535]")
-        args.master = f"127.0.0.1:{args.start_port}"  # the rendezvous store binds it
+        args.master = f"{args.node}:{args.start_port}"  # the rendezvous store binds it
+    if args.nodes is not None and len(args.nodes) > 1:
+        if args.master is None:
+            raise UsageError(f"--ips lists {len(args.nodes)} nodes: give --master {args.nodes[0]}:PORT "
+                             f"(the first node serves the rendezvous store there)")
+        if args.max_restarts:
+            raise UsageError("--max_restarts over several nodes is not available (every node would "
+                             "have to restart together); restart the job instead")
     return _check_common(args)
+
+
+def _this_node(args, hosts: list[str], flag: str, environ) -> str:
+    """This node's address among the job's `hosts`: --node_ip, or the one listed address that
+    belongs to this machine. A job over several nodes needs the shared SHOAL_JOB_TOKEN."""
+    distinct = list(dict.fromkeys(hosts))
+    if args.node_ip is not None:
+        if args.node_ip not in distinct:
+            raise UsageError(f"--node_ip {args.node_ip} is not among the hosts of {flag} "
+                             f"({', '.join(distinct)})")
+        node = args.node_ip
+    else:
+        mine = [h for h in distinct if _is_this_machine(h)]
+        if len(mine) != 1:
+            which = "none" if not mine else f"several ({', '.join(mine)})"
+            raise UsageError(f"{which} of the hosts of {flag} ({', '.join(distinct)}) belong to "
+                             f"this machine; give --node_ip ADDRESS to say which node this is")
+        node = mine[0]
+    if len(distinct) > 1 and not environ.get("SHOAL_JOB_TOKEN"):
+        raise UsageError(f"a job over {len(distinct)} nodes needs one shared secret: set "
+                         f"SHOAL_JOB_TOKEN to the same value on every node")
+    return node
+
+
+def _is_this_machine(host: str) -> bool:
+    """Whether `host` is an address of this machine (a socket can bind it)."""
+    try:
+        infos = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        return False
+    for family, kind, _, _, address in infos:
+        try:
+            with socket.socket(family, kind) as s:
+                s.bind(address)
+            return True
+        except OSError:
+            continue
+    return False
 
 
 def _strategy_path(name: str | None) -> str | None:
@@ -307,14 +364,15 @@ def _job(args):
                   f"logs are workerlog.N.restart{n - 1}", file=sys.stderr, flush=True)
         return CollectiveJob(args.script, args.script_args, nprocs=args.nproc_per_node,
                              master=args.master, devices=args.device_list, on_restart=restarting,
-                             **common), None
+                             host=args.node, nodes=args.nodes, **common), None
     ports = None
     if args.server_endpoints is not None:
         ports = [int(e.rsplit(":", 1)[1]) for e in args.server_endpoints]
     elif args.start_port is not None:
         ports = [args.start_port + i for i in range(args.server_num)]
     job = LocalJob(args.script, args.script_args, n_servers=args.server_num,
-                   n_workers=args.worker_num, ports=ports,
+                   n_workers=args.worker_num, ports=ports, host=args.node,
+                   server_hosts=args.server_hosts, worker_hosts=args.worker_hosts,
                    on_restart=lambda child, n: print(
                        f"fleetrun: {child.describe()} failed ({child.exit_text()}); restarting it "
                        f"({n} of {args.max_restarts}); its log so far is {child.log}.restart{n - 1}",

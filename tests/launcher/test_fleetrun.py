@@ -207,7 +207,7 @@ def _busy_port():
      "neither a file nor a preset"),
     (["--servers", "foo", "--worker_num", "1", str(ROLES)], "--servers"),
     (["--servers", "127.0.0.1:abc", "--worker_num", "1", str(ROLES)], "--servers"),
-    (["--servers", "10.0.0.1:7000", "--worker_num", "1", str(ROLES)], "only this machine"),
+    (["--servers", "10.0.0.1:7000", "--worker_num", "1", str(ROLES)], "belong to this machine"),
     (["--server_num", "1", "--worker_num", "1", "--log_dir", str(ROLES), str(ROLES)], "--log_dir"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(args, says):

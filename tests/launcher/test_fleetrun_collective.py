@@ -86,7 +86,10 @@ def test_without_restarts_left_the_job_fails(tmp_path):
     (["--nproc_per_node", "0"], "--nproc_per_node 0"),
     (["--nproc_per_node", "3", "--devices", "0,1"], "disagrees"),
     (["--devices", "a,b"], "--devices"),
-    (["--ips", "10.0.0.1,10.0.0.2"], "only this machine"),
+    (["--ips", "10.0.0.1,10.0.0.2"], "belong to this machine"),
+    (["--ips", "127.0.0.1", "--master", "10.0.0.2:7000"], "runs on the first node"),
+    (["--ips", "127.0.0.1,10.0.0.2"], "shared secret"),
+    (["--node_ip", "10.0.0.9", "--ips", "127.0.0.1"], "not among the hosts"),
     (["--master", "nohost"], "--master"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(tmp_path, args, says):

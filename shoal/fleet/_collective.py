@@ -7,9 +7,9 @@ size come from the collective world (`shoal.collective.init_parallel_env`).
 """
 from __future__ import annotations
 
-import os
 
 from shoal.configs import DistributedStrategy
+from shoal.fleet._strategy import StrategyChoice
 from shoal.fleet.errors import FleetError
 
 # fleet names that only mean something with parameter servers
@@ -17,7 +17,7 @@ _PS_ONLY = ("init_server", "run_server", "save_persistables", "load_model", "shr
             "communicator", "all_to_all", "_connected", "server_load_dir")
 
 
-class CollectiveRuntime:
+class CollectiveRuntime(StrategyChoice):
     """The state of `fleet` in a collective process. The training thread drives it."""
 
     collective = True
@@ -25,9 +25,7 @@ class CollectiveRuntime:
     def __init__(self, strategy: DistributedStrategy | None, env, *, timeout: float | None = None):
         import shoal.collective as dist
         self.env, self.local = env, env is None
-        self.explicit_strategy = strategy
-        path = getattr(env, "strategy_path", None) if env is not None else os.environ.get("SHOAL_STRATEGY")
-        self.strategy = strategy or (DistributedStrategy.load(path) if path else DistributedStrategy())
+        self._take_strategy(strategy, env)
         self._dist = dist
         self.world = dist.init_parallel_env(timeout=timeout)
         self.model = None
@@ -60,18 +58,6 @@ class CollectiveRuntime:
     def _need(self, worker: bool, what: str) -> None:
         if not worker:
             raise FleetError(f"fleet.{what}() is for servers; a collective job has none")
-
-    def set_strategy(self, strategy: DistributedStrategy | None, where: str) -> None:
-        if strategy is None:
-            return
-        if not isinstance(strategy, DistributedStrategy):
-            raise FleetError(f"{where}: strategy must be a DistributedStrategy, got "
-                             f"{type(strategy).__name__}")
-        if self.explicit_strategy is not None and strategy != self.explicit_strategy:
-            raise FleetError(f"{where}: this strategy differs from the one given to fleet.init in "
-                             f"{self.explicit_strategy.diff(strategy)}; pass one strategy (or the "
-                             f"same one twice)")
-        self.explicit_strategy = self.strategy = strategy
 
     # -- training ------------------------------------------------------------------------
     def distributed_model(self, model):

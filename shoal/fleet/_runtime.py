@@ -18,6 +18,7 @@ import numpy as np
 from shoal.configs import CommMode, DistributedStrategy
 from shoal.configs import cluster
 from shoal.fleet._optimizer import DistributedOptimizer, FlatParams, dense_spec
+from shoal.fleet._strategy import StrategyChoice
 from shoal.fleet.errors import FleetError
 from shoal.ps.checkpoint import read_manifest
 from shoal.ps.client import PSClient
@@ -42,15 +43,14 @@ def _local_line(strategy: DistributedStrategy) -> str:
             f"mode runs as sync with one worker)")
 
 
-class PSRuntime:
+class PSRuntime(StrategyChoice):
     """The state of `fleet` in one process. Not thread-safe: the training thread drives it."""
 
     def __init__(self, strategy: DistributedStrategy | None = None, env=None, *, rpc_timeout: float = 60.0,
                  quiet: bool = False):
         self.env = env
         self.local = env is None
-        self.explicit_strategy = strategy
-        self.strategy = strategy or self._strategy_from_env() or DistributedStrategy()
+        self._take_strategy(strategy, env)
         self.rpc_timeout = rpc_timeout
         self.client: PSClient | None = None
         self.communicator: Communicator | None = None
@@ -61,11 +61,6 @@ class PSRuntime:
         self.restart_step = 0  # a restarted worker of a sync/half-async job: the step to resume at
         if self.local and not quiet:
             print(_local_line(self.strategy), file=sys.stderr, flush=True)
-
-    def _strategy_from_env(self) -> DistributedStrategy | None:
-        path = getattr(self.env, "strategy_path", None) if self.env is not None else \
-            os.environ.get("SHOAL_STRATEGY")
-        return DistributedStrategy.load(path) if path else None
 
     # -- roles -------------------------------------------------------------------------
     def is_server(self) -> bool:
@@ -93,19 +88,6 @@ class PSRuntime:
             raise FleetError(f"fleet.{what}() is for servers; this process is "
                              f"{'the local-mode worker' if self.local else 'a worker'} "
                              f"(TRAINING_ROLE=TRAINER)")
-
-    def set_strategy(self, strategy: DistributedStrategy | None, where: str) -> None:
-        """An explicit strategy wins over the file; two explicit ones that differ raise."""
-        if strategy is None:
-            return
-        if not isinstance(strategy, DistributedStrategy):
-            raise FleetError(f"{where}: strategy must be a DistributedStrategy, got "
-                             f"{type(strategy).__name__}")
-        if self.explicit_strategy is not None and strategy != self.explicit_strategy:
-            raise FleetError(f"{where}: this strategy differs from the one given to fleet.init in "
-                             f"{self.explicit_strategy.diff(strategy)}; pass one strategy (or the "
-                             f"same one) to both")
-        self.explicit_strategy = self.strategy = strategy
 
     # -- servers -----------------------------------------------------------------------
     def run_server(self, load_dir: str | None = None) -> None:

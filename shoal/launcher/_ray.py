@@ -19,7 +19,6 @@ Ray is imported here only inside functions: `import shoal.launcher` never loads 
 """
 from __future__ import annotations
 
-import fcntl
 import importlib.util
 import logging
 import os
@@ -36,7 +35,7 @@ from urllib.parse import urlsplit
 
 from shoal.configs.cluster import CONTRACT_VARIABLES, ServerEnv, WorkerEnv
 from shoal.launcher.errors import LaunchError
-from shoal.launcher.local import _THREAD_VARS, LogDirBusyError
+from shoal.launcher.local import _THREAD_VARS, take_log_dir
 
 _INSTALL = "pip install 'shoal[ray]'"
 _CALL_TIMEOUT = 10.0   # seconds an actor has to answer a control call
@@ -323,20 +322,7 @@ class RayJob:
 
     def _take_log_dir(self) -> None:
         # the lock lives on the driver's node: on a one-node cluster that is the actors' log_dir
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(self.log_dir / ".fleetrun.lock", "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "?"
-            lock.close()
-            raise LogDirBusyError(f"log_dir {self.log_dir} is in use by another job (fleetrun pid "
-                                  f"{holder}); choose another --log_dir") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        self._lock = lock
+        self._lock = take_log_dir(self.log_dir)
 
     def _worker_contract(self, rank: int, restart: int) -> dict:
         # the workers' own endpoints are only names here (no worker binds them in PS mode)

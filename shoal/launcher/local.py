@@ -98,6 +98,25 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def take_log_dir(log_dir: Path):
+    """Lock `log_dir` for one job (the open lock file, holding this pid); LogDirBusyError names
+    the fleetrun that holds it."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    lock = open(log_dir / ".fleetrun.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        raise LogDirBusyError(f"log_dir {log_dir} is in use by another job (fleetrun pid "
+                              f"{holder}); choose another --log_dir") from None
+    lock.truncate(0)
+    lock.write(str(os.getpid()))
+    lock.flush()
+    return lock
+
+
 def _endpoint(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -216,20 +235,7 @@ class LocalJob:
             pass
 
     def _take_log_dir(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        lock = open(self.log_dir / ".fleetrun.lock", "a+")
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read().strip() or "?"
-            lock.close()
-            raise LogDirBusyError(f"log_dir {self.log_dir} is in use by another job (fleetrun pid "
-                                  f"{holder}); choose another --log_dir") from None
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        self._lock = lock
+        self._lock = take_log_dir(self.log_dir)
 
     def start(self) -> list[str]:
         """Start the servers, wait for their endpoints, start the workers; returns the endpoints.

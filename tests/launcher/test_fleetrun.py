@@ -47,18 +47,24 @@ def _orphans(token: str) -> list[int]:
     return left
 
 
-def _run(tmp_path, action="ok", who="-", n_servers=2, n_workers=2, extra=(), timeout=60):
+def _launch(tmp_path, mode_args, script, action, who, extra=(), timeout=60):
+    """Run fleetrun with a fresh job token; (exit code, stdout, stderr, out dir, token)."""
     token = f"fleetrun-test-{os.getpid()}-{time.monotonic_ns()}"
     out = tmp_path / "out"
     out.mkdir(exist_ok=True)
-    p = _fleetrun(["--server_num", n_servers, "--worker_num", n_workers, "--log_dir",
-                   tmp_path / "log", *extra, ROLES, out, action, who], env=_env(SHOAL_JOB_TOKEN=token))
+    p = _fleetrun([*mode_args, "--log_dir", tmp_path / "log", *extra, script, out, action, who],
+                  env=_env(SHOAL_JOB_TOKEN=token))
     try:
         stdout, stderr = p.communicate(timeout=timeout)
     finally:
         if p.poll() is None:
             p.kill()
     return p.returncode, stdout, stderr, out, token
+
+
+def _run(tmp_path, action="ok", who="-", n_servers=2, n_workers=2, extra=(), timeout=60):
+    return _launch(tmp_path, ["--server_num", n_servers, "--worker_num", n_workers], ROLES,
+                   action, who, extra, timeout)
 
 
 def test_every_role_gets_the_contract_and_the_job_exits_0(tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launcher.test_fleetrun import _busy_port, _env, _fleetrun, _orphans
+from tests.launcher.test_fleetrun import _busy_port, _fleetrun, _launch, _orphans
 
 pytest.importorskip("shoal.collective._gloo", reason="the Gloo binding is not built (libgloo-dev)")
 
@@ -16,18 +16,8 @@ SCRIPT = Path(__file__).with_name("coll_roles.py")
 
 
 def _run(tmp_path, action="ok", who="-", nproc=3, extra=(), timeout=60):
-    token = f"fleetrun-coll-{os.getpid()}-{time.monotonic_ns()}"
-    out = tmp_path / "out"
-    out.mkdir(exist_ok=True)
-    size = ["--nproc_per_node", nproc] if nproc else []
-    p = _fleetrun([*size, "--log_dir", tmp_path / "log", *extra, SCRIPT, out,
-                   action, who], env=_env(SHOAL_JOB_TOKEN=token))
-    try:
-        stdout, stderr = p.communicate(timeout=timeout)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    return p.returncode, stdout, stderr, out, token
+    return _launch(tmp_path, ["--nproc_per_node", nproc] if nproc else [], SCRIPT, action, who,
+                   extra, timeout)
 
 
 def test_every_rank_gets_the_contract_and_the_job_exits_0(tmp_path):

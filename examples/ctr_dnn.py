@@ -225,10 +225,11 @@ def main(argv=None) -> int:
     train_set.preload_into_memory()  # parses on its own threads while the worker connects
     fleet.init_worker(model)
     rank = fleet.worker_index()
-    start_step = fleet.restart_step()  # a restarted worker of a sync job: where the others are
+    start_step = 0
     if args.resume:
         extra = fleet.load_model(args.resume)
         start_step = int(extra.get("step", 0))
+    start_step += fleet.restart_step()  # a restarted worker of a sync job: where the others are
     timer = StepTimer()
     log_path = os.path.join(args.log_dir, "metrics.jsonl") if rank == 0 else None
     with TrainingProgress(None, rank=rank, log_path=log_path) as progress:

@@ -59,6 +59,7 @@ class PSRuntime(StrategyChoice):
         self.flat: FlatParams | None = None
         self.exchange = None  # worker-to-worker all_to_all, started by the first global_shuffle
         self.restart_step = 0  # a restarted worker of a sync/half-async job: the step to resume at
+        self.rejoined = False  # a restarted worker that joined a running job (past its init)
         if self.local and not quiet:
             print(_local_line(self.strategy), file=sys.stderr, flush=True)
 
@@ -155,6 +156,9 @@ class PSRuntime(StrategyChoice):
         self.client = client = self._client()
         restarted = bool(getattr(self.env, "restart", 0))
         try:
+            if restarted and self.worker_num() > 1 and "init-worker" in client.gatherings("init-worker"):
+                restarted = False  # the predecessor died before init: the others wait there for it
+            self.rejoined = restarted
             if restarted:
                 self._rejoin(client, specs)
             elif self.worker_index() == 0:
@@ -171,6 +175,8 @@ class PSRuntime(StrategyChoice):
                 flat.load(client.pull_dense(DENSE_TABLE))
             self.communicator = self._communicator(client, specs)
             self.communicator.steps = self.restart_step
+            if restarted:
+                self.communicator.replay = True
         except BaseException:
             client.close()
             self.client = None
@@ -183,13 +189,20 @@ class PSRuntime(StrategyChoice):
         bind_sparse_backend(model, self.communicator)
 
     def _rejoin(self, client: PSClient, specs) -> None:
-        """A restarted worker (SHOAL_RESTART > 0) joins a running job: the tables exist. Async
-        and GEO jobs take it back at once. In sync and half-async jobs the others wait for it at
-        a per-step barrier (or at init): it finds that barrier on server 0 and resumes at its step
-        (`restart_step`), so every worker still runs the same steps; its predecessor's partial
-        pushes of that step are replaced, not added (servers key a step's parts by rank)."""
-        for spec in specs:
-            client.register_table(spec)
+        """A restarted worker (SHOAL_RESTART > 0) joins a running job past its init. Async and
+        GEO jobs take it back at once. In sync and half-async jobs the others wait for it at a
+        per-step barrier: it finds that barrier on server 0 and resumes at its step
+        (`restart_step`), so every worker still runs the same number of steps. Its predecessor's
+        part of that step is replaced on the servers it reached, not added; a shard that had
+        already applied the step is pulled after it, so the re-pushed gradient is computed on
+        weights partly one step newer (sync), and in half-async a step pushed before the death
+        is applied twice."""
+        if self.worker_index() == 0:  # idempotent: a table that exists is kept as it is
+            for spec in specs:
+                client.create_table(spec)
+        else:
+            for spec in specs:
+                client.register_table(spec)
         mode = self.strategy.communicator_mode
         if mode in (CommMode.SYNC, CommMode.HALF_ASYNC) and self.worker_num() > 1:
             # sync names a step's barrier by the step; half-async by the step count after it
@@ -201,15 +214,21 @@ class PSRuntime(StrategyChoice):
         me, deadline = self.worker_index(), time.monotonic() + self.rpc_timeout
         while True:
             open_ = client.gatherings("")
-            if "init-worker" in open_:  # the predecessor died before init: meet them there
-                self.barrier("init-worker")
-                return 0
             steps = {int(name[len(prefix):]): g for name, g in open_.items()
                      if name.startswith(prefix) and name[len(prefix):].isdigit()}
             if steps:
                 name = min(steps)
-                # the predecessor arrived there before it died: its pushes of that step are in
-                return name - after + (1 if me in steps[name]["members"] else 0)
+                if me not in steps[name]["members"]:
+                    return name - after
+                # the predecessor arrived there before it died: its pushes of that step are in;
+                # meet the others there (counted once) so the step is applied before the pull
+                self.barrier(f"{prefix}{name}")
+                return name - after + 1
+            others = sorted(n for n, g in open_.items() if g["arrived"] and not n.startswith(prefix))
+            if others:
+                raise FleetError(f"worker {me} was restarted (generation {self.env.restart}), but "
+                                 f"the other workers wait at {others}, not at a training step: a "
+                                 f"restart rejoins a sync or half-async job only between its steps")
             if time.monotonic() > deadline:
                 raise FleetError(f"worker {me} was restarted (generation {self.env.restart}) into a "
                                  f"{prefix.split('-step')[0]} job, but no other worker reached a "
@@ -312,10 +331,11 @@ class PSRuntime(StrategyChoice):
         self._connected("load_model")
         self._flush()
         manifest = read_manifest(dirname)  # before touching anything: a bad directory changes nothing
-        self.barrier("load-begin")
-        if self.worker_index() == 0:
-            self.client.load(dirname)
-        self.barrier("load-end")
+        if not self.rejoined:  # a restarted worker that rejoined a running job: the others loaded it
+            self.barrier("load-begin")
+            if self.worker_index() == 0:
+                self.client.load(dirname)
+            self.barrier("load-end")
         self.communicator.reset()
         if self.flat.size:
             self.flat.load(self.client.pull_dense(DENSE_TABLE))

@@ -158,6 +158,12 @@ def _check(args, environ=os.environ) -> argparse.Namespace:
         args.worker_num = len(ips)
         args.worker_hosts = ips
     listed = (args.server_hosts or []) + (args.worker_hosts or [])
+    if len(set(listed)) > 1 and (args.server_hosts is None or args.worker_hosts is None):
+        missing = "--workers ip,..." if args.worker_hosts is None else "--servers ip:port,..."
+        raise UsageError(f"a job over several nodes lists all of its processes: give {missing} "
+                         f"too, the same on every node")
+    if args.start_port is not None and args.server_endpoints is not None:
+        raise UsageError("--start_port and --servers both fix the servers' ports; give one")
     args.node = _this_node(args, listed, "--servers/--workers", environ) if listed else \
         (args.node_ip or "127.0.0.1")
     if args.server_num is not None and args.server_hosts is None:
@@ -234,9 +240,11 @@ def _check_collective(args) -> argparse.Namespace:
                          f"one process; give --nproc_per_node N with N >= 1")
     args.nodes = None
     if args.ips is not None:
-        args.nodes = list(dict.fromkeys(ip.strip() for ip in args.ips.split(",") if ip.strip()))
+        args.nodes = [ip.strip() for ip in args.ips.split(",") if ip.strip()]
         if not args.nodes:
             raise UsageError(f"--ips {args.ips!r}: give the nodes' addresses, e.g. 10.0.0.1,10.0.0.2")
+        if len(set(args.nodes)) != len(args.nodes):
+            raise UsageError(f"--ips {args.ips} lists a node twice; give each node once")
         args.node = _this_node(args, args.nodes, "--ips", os.environ)
     else:
         args.node = args.node_ip or "127.0.0.1"
@@ -252,7 +260,8 @@ def _check_collective(args) -> argparse.Namespace:
     elif args.start_port is not None:
         if not 1 <= args.start_port <= 65535:
             raise UsageError(f"--start_port {args.start_port} must lie in [1, 65535]")
-        args.master = f"{args.node}:{args.start_port}"  # the rendezvous store binds it
+        first = args.nodes[0] if args.nodes else args.node  # the first node serves the store
+        args.master = f"[{first}]:{args.start_port}" if ":" in first else f"{first}:{args.start_port}"
     if args.nodes is not None and len(args.nodes) > 1:
         if args.master is None:
             raise UsageError(f"--ips lists {len(args.nodes)} nodes: give --master {args.nodes[0]}:PORT "
@@ -312,6 +321,16 @@ def _strategy_path(name: str | None) -> str | None:
     DistributedStrategy.load(name)  # a broken preset fails here, in one line
     import shoal.configs
     return str(Path(shoal.configs.__file__).with_name("presets") / f"{name}.yaml")
+
+
+def _shown(job) -> int | str:
+    """The worker whose output goes to the console: worker 0, or this node's first worker in a
+    job over several nodes ('none' on a node of servers only: nothing is streamed)."""
+    hosts = getattr(job, "worker_hosts", None)
+    if hosts is None:
+        return 0
+    here = [r for r, h in enumerate(hosts) if h == job.host]
+    return here[0] if here else "none"
 
 
 def _file_reader(path: Path) -> Callable[[int, int], bytes]:
@@ -407,7 +426,7 @@ class _Backend:
 
 _BACKENDS = {
     "local": _Backend(lambda args, environ: None, _job,
-                      lambda job, args: _file_reader(Path(args.log_dir) / "workerlog.0")),
+                      lambda job, args: _file_reader(Path(args.log_dir) / f"workerlog.{_shown(job)}")),
     "ray": _Backend(_check_ray, _ray_job,
                     lambda job, args: lambda pos, size: job.read_log(0, pos, size)),
 }
@@ -425,7 +444,8 @@ def run(args) -> int:
         stopping["signal"] = sig
         raise KeyboardInterrupt
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    tail = _Tail(backend.reader(job, args), "[worker 0] ")
+    shown = _shown(job)
+    tail = _Tail(backend.reader(job, args), f"[worker {shown}] ")
     finished = False
     try:
         job.start()
@@ -462,8 +482,8 @@ def run(args) -> int:
         if tail.is_alive():
             tail.join(timeout=None if finished else 5)
             if tail.is_alive():
-                print(f"fleetrun: worker 0's console output was cut short; all of it is in "
-                      f"{Path(args.log_dir) / 'workerlog.0'}", file=sys.stderr)
+                print(f"fleetrun: worker {shown}'s console output was cut short; all of it is in "
+                      f"{Path(args.log_dir) / f'workerlog.{shown}'}", file=sys.stderr)
         for s, h in old.items():
             signal.signal(s, h)
 

@@ -110,16 +110,18 @@ class _StepSum:
     def add(self, table: str, sync, part) -> list | None:
         """Hold `part`; the list of all parts once this completes the step, else None.
 
-        `sync` is [step, count] or [step, count, worker]. With the worker's rank, a second part
-        from the same worker replaces its first (a restarted worker re-pushing the step its
-        predecessor died in), and a part for a step that already completed is dropped (its
-        predecessor's part was applied)."""
-        if (not isinstance(sync, list) or len(sync) not in (2, 3)
+        `sync` is [step, count], [step, count, worker] or [step, count, worker, replay]. With
+        the worker's rank, a second part from the same worker replaces its first (a restarted
+        worker re-pushing the step its predecessor died in). With `replay` (1: the restarted
+        worker's first step) a part for a step that already completed is dropped: its
+        predecessor's part was applied."""
+        if (not isinstance(sync, list) or len(sync) not in (2, 3, 4)
                 or not all(isinstance(x, int) and not isinstance(x, bool) for x in sync)
-                or sync[1] < 1 or (len(sync) == 3 and not 0 <= sync[2] < sync[1])):
-            raise PSError(f"push to {table!r}: header field 'sync' must be [step, count] or "
-                          f"[step, count, worker] with count >= 1 and 0 <= worker < count, "
-                          f"got {sync!r}")
+                or sync[1] < 1 or (len(sync) >= 3 and not 0 <= sync[2] < sync[1])
+                or (len(sync) == 4 and sync[3] not in (0, 1))):
+            raise PSError(f"push to {table!r}: header field 'sync' must be [step, count], "
+                          f"[step, count, worker] or [step, count, worker, replay] with count >= 1, "
+                          f"0 <= worker < count and replay 0 or 1, got {sync!r}")
         step, count = sync[0], sync[1]
         key = (table, step)
         with self.lock:
@@ -127,8 +129,8 @@ class _StepSum:
                 raise PSError(f"sync push to {table!r}: an earlier {self.broken[table]}; the "
                               f"table no longer matches sync training: restart the job from its "
                               f"last checkpoint")
-            if len(sync) == 3 and step <= self.done.get(table, -1):
-                return None  # the step completed without this (restarted) worker's new part
+            if len(sync) == 4 and sync[3] and step <= self.done.get(table, -1):
+                return None  # the step completed with the predecessor's part: nothing to add
             entry = self.open.get(key)
             if entry is None:
                 if len(self.open) >= self.max_open:
@@ -138,7 +140,7 @@ class _StepSum:
             if entry[0] != count:
                 raise PSError(f"push to {table!r} step {step}: this worker says count={count}, "
                               f"others said {entry[0]}; every worker must use the same count")
-            entry[1][sync[2] if len(sync) == 3 else ("anonymous", len(entry[1]))] = part
+            entry[1][sync[2] if len(sync) >= 3 else ("anonymous", len(entry[1]))] = part
             if len(entry[1]) < count:
                 return None
             del self.open[key]

@@ -94,7 +94,22 @@ def test_a_collective_job_over_two_nodes_gets_its_contract_and_a_clear_gloo_refu
 def test_a_job_over_two_nodes_without_a_shared_token_is_refused(tmp_path):
     env = {k: v for k, v in _env().items() if k != "SHOAL_JOB_TOKEN"}
     p = subprocess.run([sys.executable, "-m", "shoal.launcher", "--node_ip", "127.0.0.1", "--servers",
-                        "127.0.0.1:6170,[::1]:6171", "--log_dir", str(tmp_path / "log"),
+                        "127.0.0.1:6170,[::1]:6171", "--workers", "127.0.0.1,::1",
+                        "--log_dir", str(tmp_path / "log"),
                         str(HERE / "roles.py"), str(tmp_path), "ok", "-"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "SHOAL_JOB_TOKEN" in p.stderr
+
+
+@pytest.mark.parametrize("args,says", [
+    (["--servers", "127.0.0.1:6170,[::1]:6171", "--worker_num", "2"], "give --workers"),
+    (["--workers", "127.0.0.1,::1", "--server_num", "1"], "give --servers"),
+    (["--servers", "127.0.0.1:6170", "--start_port", "7000", "--worker_num", "1"], "give one"),
+    (["--ips", "127.0.0.1,127.0.0.1"], "lists a node twice"),
+])
+def test_an_incomplete_job_over_several_nodes_is_refused(tmp_path, args, says):
+    p = subprocess.run([sys.executable, "-m", "shoal.launcher", "--node_ip", "127.0.0.1", *args,
+                        "--log_dir", str(tmp_path / "log"), str(HERE / "roles.py"), str(tmp_path),
+                        "ok", "-"], env=_env(SHOAL_JOB_TOKEN="t"), capture_output=True, text=True,
+                       timeout=60)
+    assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr

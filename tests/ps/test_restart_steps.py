@@ -18,15 +18,19 @@ def test_a_rank_pushing_a_step_again_replaces_its_part():
     assert steps.done["t"] == 3
 
 
-def test_a_part_for_a_completed_step_is_dropped():
+def test_a_replayed_part_for_a_completed_step_is_dropped_and_a_later_phase_counts_again():
     steps = _StepSum()
     steps.add("t", [0, 2, 0], "a")
     assert steps.add("t", [0, 2, 1], "b") is not None
-    assert steps.add("t", [0, 2, 1], "late re-push") is None  # the step was applied without it
+    assert steps.add("t", [0, 2, 1, 1], "a restarted worker's replay") is None  # applied before
     assert not steps.open
+    # a later phase on the same servers starts its steps at 0 again: those parts count
+    assert steps.add("t", [0, 2, 0, 0], "phase 2, worker 0") is None
+    assert steps.add("t", [0, 2, 1], "phase 2, worker 1") is not None
 
 
-@pytest.mark.parametrize("sync", [[1], [1, 0], [1, 2, 2], [1, 2, -1], [1, True], "x"])
+@pytest.mark.parametrize("sync", [[1], [1, 0], [1, 2, 2], [1, 2, -1], [1, True], "x", [1, 2, 0, 2],
+                                  [1, 2, 0, 0, 0]])
 def test_bad_sync_headers_are_refused(sync):
     with pytest.raises(PSError, match="sync"):
         _StepSum().add("t", sync, "part")

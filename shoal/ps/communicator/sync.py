@@ -21,9 +21,13 @@ class SyncCommunicator(Communicator):
         self._pending: list = []
         self._scale = np.float32(1.0 / worker_num)
 
+    replay = False  # set on a restarted worker: its first step may repeat one already applied
+
     def _sync(self):
         # the rank lets a server replace a restarted worker's re-push instead of counting it twice
-        return None if self.worker_num == 1 else (self.steps, self.worker_num, self.worker_index)
+        if self.worker_num == 1:
+            return None
+        return (self.steps, self.worker_num, self.worker_index, int(self.replay))
 
     def push(self, table, keys, grads, *, shows, clicks):
         self._raise_pending()
@@ -68,6 +72,7 @@ class SyncCommunicator(Communicator):
             self._barrier("sync-step")
         self.waits.push_wait += time.perf_counter() - t0
         self.steps += 1
+        self.replay = False
         return self.pull_dense() if dense is not None else None
 
     def flush(self):

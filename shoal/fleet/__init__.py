@@ -1,4 +1,5 @@
-"""The fleet facade: Paddle's `paddle.distributed.fleet` names over Shoal's parameter servers.
+"""The fleet facade: Paddle's `paddle.distributed.fleet` names over Shoal's parameter servers
+(and, with `init(is_collective=True)`, over its collectives: DataParallel and gradient merge).
 
     import shoal.fleet as fleet
     fleet.init()                                   # role from the environment, or local mode
@@ -25,7 +26,7 @@ from __future__ import annotations
 import os
 
 from shoal.configs import DistributedStrategy
-from shoal.configs.cluster import ClusterEnv
+from shoal.configs.cluster import ClusterEnv, Role
 from shoal.fleet._data import prefetched
 from shoal.fleet._optimizer import DistributedOptimizer
 from shoal.fleet._runtime import PSRuntime
@@ -72,7 +73,7 @@ def init(role_maker=None, is_collective: bool = False, strategy: DistributedStra
         raise FleetError("fleet.init() while a worker is running: call fleet.stop_worker() first")
     env = ClusterEnv.detect(os.environ)
     if is_collective:
-        if env is not None and env.role.value != "TRAINER":
+        if env is not None and env.role is not Role.TRAINER:
             raise FleetError(f"fleet.init(is_collective=True) in a {env.role.value} process: a "
                              f"collective job has only workers; start it with fleetrun "
                              f"--nproc_per_node N (no --server_num)")

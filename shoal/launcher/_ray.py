@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 from shoal.configs.cluster import CONTRACT_VARIABLES, ServerEnv, WorkerEnv
 from shoal.launcher.errors import LaunchError
-from shoal.launcher.local import _THREAD_VARS, take_log_dir
+from shoal.launcher.local import _THREAD_VARS, await_endpoint, take_log_dir
 
 _INSTALL = "pip install 'shoal[ray]'"
 _CALL_TIMEOUT = 10.0   # seconds an actor has to answer a control call
@@ -299,21 +299,12 @@ class RayJob:
             self._launch(child, contract, report=str(report))
         deadline = time.monotonic() + self.start_timeout
         for child in self.servers:
-            while True:
-                endpoint = self._call(child, child.actor.endpoint.remote())
-                if endpoint:
-                    break
+            def running(child=child) -> bool:
                 self._refresh([child])
-                if not child.running():
-                    raise LaunchError(f"{child.describe()} exited ({child.exit_text()}) before "
-                                      f"reporting its endpoint; last lines of {child.log}:\n"
-                                      f"{child.tail()}")
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"{child.describe()} did not report its endpoint within "
-                                      f"{self.start_timeout:.0f}s; last lines of {child.log}:\n"
-                                      f"{child.tail()}")
-                time.sleep(0.02)
-            self.endpoints.append(endpoint)
+                return child.running()
+            self.endpoints.append(await_endpoint(
+                child, lambda child=child: self._call(child, child.actor.endpoint.remote()),
+                running, deadline, self.start_timeout))
         (self.log_dir / "endpoints.log").write_text(
             "".join(f"server {i} {ep}\n" for i, ep in enumerate(self.endpoints)))
         for child in self.workers:

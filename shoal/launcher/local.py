@@ -98,6 +98,22 @@ class Child:
         return "\n".join(text.splitlines()[-lines:])
 
 
+def await_endpoint(child, read, running, deadline: float, timeout: float) -> str:
+    """Poll `read()` until a server reports its endpoint; LaunchError (with the log's last lines)
+    if `running()` turns False first, or past `deadline` (monotonic)."""
+    while True:
+        endpoint = read()
+        if endpoint:
+            return endpoint
+        if not running():
+            raise LaunchError(f"{child.describe()} exited ({child.exit_text()}) before reporting "
+                              f"its endpoint; last lines of {child.log}:\n{child.tail()}")
+        if time.monotonic() > deadline:
+            raise LaunchError(f"{child.describe()} did not report its endpoint within "
+                              f"{timeout:.0f}s; last lines of {child.log}:\n{child.tail()}")
+        time.sleep(0.02)
+
+
 def take_log_dir(log_dir: Path):
     """Lock `log_dir` for one job (the open lock file, holding this pid); LogDirBusyError names
     the fleetrun that holds it."""
@@ -270,17 +286,10 @@ class LocalJob:
         self.endpoints = list(everyone)  # servers on other nodes bind the ports they were given
         for child in self.servers:
             report = reports[child.rank]
-            while not report.exists():
-                if child.popen.poll() is not None:
-                    raise LaunchError(f"{child.describe()} exited ({child.exit_text()}) before "
-                                      f"reporting its endpoint; last lines of {child.log}:\n"
-                                      f"{child.tail()}")
-                if time.monotonic() > deadline:
-                    raise LaunchError(f"{child.describe()} did not report its endpoint within "
-                                      f"{self.start_timeout:.0f}s; last lines of {child.log}:\n"
-                                      f"{child.tail()}")
-                time.sleep(0.02)
-            self.endpoints[child.rank] = report.read_text().strip().replace("tcp://", "")
+            endpoint = await_endpoint(
+                child, lambda: report.exists() and report.read_text().strip(),
+                lambda: child.popen.poll() is None, deadline, self.start_timeout)
+            self.endpoints[child.rank] = endpoint.replace("tcp://", "")
             report.unlink(missing_ok=True)
         (self.log_dir / "endpoints.log").write_text(
             "".join(f"server {i} {ep}\n" for i, ep in enumerate(self.endpoints)))

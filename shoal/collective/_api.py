@@ -271,8 +271,9 @@ def _xp(native):
     return backend_of(native).xp
 
 
-def _stacked(group, items, what: str):
-    """A list of group.size arrays of one shape and dtype, as one native [size, ...] array."""
+def _stacked(group, items, what: str, like=None, op: str = ""):
+    """A list of group.size arrays of one shape and dtype, as one native [size, ...] array
+    (with `like`: of that array's shape and dtype too, else `op` names the mismatch)."""
     if not isinstance(items, (list, tuple)) or len(items) != group.size:
         raise InvalidArgumentError(f"{what}: expected a list of {group.size} arrays (one per rank "
                                    f"of the group), got {type(items).__name__}"
@@ -283,6 +284,9 @@ def _stacked(group, items, what: str):
         if a.shape != first.shape or a.dtype != first.dtype:
             raise InvalidArgumentError(f"{what}[{i}] is {a.dtype}{list(a.shape)} but {what}[0] is "
                                        f"{first.dtype}{list(first.shape)}; all must agree")
+    if like is not None and (first.shape != like.shape or first.dtype != like.dtype):
+        raise InvalidArgumentError(f"{op}: tensor_list holds {first.dtype}{list(first.shape)} but "
+                                   f"tensor is {like.dtype}{list(like.shape)}")
     native, _ = group._to_native(_xp(first).stack(arrays))
     return native
 
@@ -366,11 +370,7 @@ def scatter(tensor, tensor_list=None, src: int = 0, group=None, sync_op: bool = 
     native, back = g._to_native(data)
     inputs = None
     if g.rank == root:
-        stacked = _stacked(g, tensor_list, "scatter tensor_list")
-        if stacked.shape[1:] != tuple(data.shape) or stacked.dtype != data.dtype:
-            raise InvalidArgumentError(f"scatter: tensor_list holds {stacked.dtype}"
-                                       f"{list(stacked.shape[1:])} but tensor is {data.dtype}"
-                                       f"{list(data.shape)}")
+        stacked = _stacked(g, tensor_list, "scatter tensor_list", like=data, op="scatter")
         inputs = [stacked[i] for i in range(g.size)]
     return g.execute("scatter", lambda: g._scatter(inputs, native, root), sync_op=sync_op, then=back)
 
@@ -379,11 +379,7 @@ def reduce_scatter(tensor, tensor_list: list, op=ReduceOp.SUM, group=None,
                    sync_op: bool = True) -> Task | None:
     """Rank i's `tensor` = the reduction over ranks of their `tensor_list[i]`."""
     g, data, op = _group(group), _array(tensor, "reduce_scatter", writes=True), _op(op)
-    stacked = _stacked(g, tensor_list, "reduce_scatter tensor_list")
-    if stacked.shape[1:] != tuple(data.shape) or stacked.dtype != data.dtype:
-        raise InvalidArgumentError(f"reduce_scatter: tensor_list holds {stacked.dtype}"
-                                   f"{list(stacked.shape[1:])} but tensor is {data.dtype}"
-                                   f"{list(data.shape)}")
+    stacked = _stacked(g, tensor_list, "reduce_scatter tensor_list", like=data, op="reduce_scatter")
     native, back = g._to_native(data)
 
     def run():

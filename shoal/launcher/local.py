@@ -253,6 +253,17 @@ class LocalJob:
     def _take_log_dir(self) -> None:
         self._lock = take_log_dir(self.log_dir)
 
+    def _start_janitor(self) -> None:
+        self._janitor = subprocess.Popen([self.python, "-c", _JANITOR], stdin=subprocess.PIPE,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                         start_new_session=True)
+
+    def _keep_failed_log(self, rank: int, restart: int) -> None:
+        """Before a restart: the failed run's log stays beside the new one (workerlog.N.restartK)."""
+        log = self.log_dir / f"workerlog.{rank}"
+        if restart and log.exists():
+            log.replace(self.log_dir / f"workerlog.{rank}.restart{restart - 1}")
+
     def start(self) -> list[str]:
         """Start the servers, wait for their endpoints, start the workers; returns the endpoints.
 
@@ -267,9 +278,7 @@ class LocalJob:
 
     def _start(self) -> list[str]:
         self._take_log_dir()
-        self._janitor = subprocess.Popen([self.python, "-c", _JANITOR], stdin=subprocess.PIPE,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True)
+        self._start_janitor()
         common = dict(job_token=self.token, strategy_path=self.strategy_path,
                       log_dir=str(self.log_dir), launch_t0=self.launch_t0)
         reports = {}
@@ -309,10 +318,7 @@ class LocalJob:
                              pservers=tuple(self.endpoints), trainer_endpoints=trainers,
                              current_endpoint=trainers[rank], restart=restart,
                              **self._common).to_environ()
-        if restart:  # keep the failed run's log beside the new one
-            log = self.log_dir / f"workerlog.{rank}"
-            if log.exists():
-                log.replace(self.log_dir / f"workerlog.{rank}.restart{restart - 1}")
+        self._keep_failed_log(rank, restart)
         return self._spawn("worker", rank, contract)
 
     def _restart(self, child: Child) -> bool:
@@ -476,9 +482,7 @@ class CollectiveJob(LocalJob):
         from shoal.collective import RendezvousError, StoreServer
         from shoal.configs.cluster import parse_endpoint
         self._take_log_dir()
-        self._janitor = subprocess.Popen([self.python, "-c", _JANITOR], stdin=subprocess.PIPE,
-                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                         start_new_session=True)
+        self._start_janitor()
         host, port = parse_endpoint(self.master) if self.master else (self.host, 0)
         if self.node == 0:  # the first node serves the store; the others reach it at --master
             try:
@@ -501,10 +505,7 @@ class CollectiveJob(LocalJob):
         contract["SHOAL_MASTER_SERVED"] = "launcher"
         if self.devices is not None:
             contract["CUDA_VISIBLE_DEVICES"] = str(self.devices[rank % self.nprocs])
-        if restart:
-            log = self.log_dir / f"workerlog.{rank}"
-            if log.exists():
-                log.replace(self.log_dir / f"workerlog.{rank}.restart{restart - 1}")
+        self._keep_failed_log(rank, restart)
         return self._spawn("worker", rank, contract)
 
     def _restart(self, child: Child) -> bool:

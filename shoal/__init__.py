@@ -13,15 +13,16 @@ from shoal.worker import (DTypeError, EngineError, Function, GradError, IndexRan
                           SerializationError, ShapeError, SparseGrad, StateDictError, Tensor,
                           enable_grad, get_default_dtype, is_grad_enabled, load, no_grad, save,
                           set_default_dtype, set_grad_enabled)
-from shoal.worker import nn
+from shoal.worker import amp, nn
 from shoal.worker import optim as optimizer
 from shoal.worker.ops import (abs, add, cast, clone, concat, div, exp, flatten, gather, log, matmul,
                               max, maximum, mean, minimum, mul, neg, pow, relu, reshape, sigmoid,
                               split, sqrt, squeeze, stack, sub, sum, tanh, transpose, unsqueeze)
 
 # `import shoal.nn.functional as F` and friends reach the same module objects.
-for _alias, _mod in {"nn": nn, "nn.functional": nn.functional, "nn.initializer": nn.initializer,
-                     "optimizer": optimizer, "optimizer.lr": optimizer.lr}.items():
+for _alias, _mod in {"amp": amp, "nn": nn, "nn.functional": nn.functional,
+                     "nn.initializer": nn.initializer, "optimizer": optimizer,
+                     "optimizer.lr": optimizer.lr}.items():
     _sys.modules[f"{__name__}.{_alias}"] = _mod
 
 __version__ = "0.1.0"
@@ -72,7 +73,8 @@ def rand(shape, dtype=None) -> Tensor:
 
 
 __all__ = [
-    "Tensor", "to_tensor", "nn", "optimizer", "kernels", "save", "load", "no_grad", "enable_grad",
+    "Tensor", "to_tensor", "amp", "nn", "optimizer", "kernels", "save", "load", "no_grad",
+    "enable_grad",
     "set_grad_enabled", "is_grad_enabled", "seed", "set_device", "set_default_dtype",
     "get_default_dtype", "zeros", "ones", "randn", "rand", "Function", "SparseGrad",
     "abs", "add", "cast", "clone", "concat", "div", "exp", "flatten", "gather", "log", "matmul",

@@ -31,3 +31,7 @@ class StateDictError(EngineError, KeyError):
 
 class SerializationError(EngineError, ValueError):
     """A file that is not a Shoal checkpoint, or an object that cannot be saved safely."""
+
+
+class AmpError(EngineError, ValueError):
+    """Automatic mixed precision used with a bad argument (a list name, a level, a ratio ...)."""

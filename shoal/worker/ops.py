@@ -10,6 +10,7 @@ import builtins
 import numpy as np
 
 from shoal.kernels import backend_of
+from shoal.worker.amp._autocast import amp_inputs
 from shoal.worker.autograd import Function
 from shoal.worker.errors import DTypeError, IndexRangeError, ShapeError
 from shoal.worker.tensor import Tensor, get_default_dtype
@@ -38,7 +39,7 @@ def lift(x, like: Tensor | None = None) -> Tensor:
 
 def _pair(op: str, a, b) -> tuple[Tensor, Tensor]:
     a = lift(a, b if isinstance(b, Tensor) else None)
-    b = lift(b, a)
+    a, b = amp_inputs(op, a, lift(b, a))   # auto_cast: matmul in float16, mixed dtypes promoted
     if a.dtype != b.dtype:
         if a.dtype.kind != "f" and b.dtype.kind == "f" and _is_constant_scalar(b):
             a = cast(a, b.dtype)  # int tensor with a Python float: the float dtype wins
@@ -243,11 +244,13 @@ class Reduce(Function):
 
 def sum(x: Tensor, axis=None, keepdim: bool = False) -> Tensor:
     """Sum over `axis` (int, tuple or None for all)."""
+    x, = amp_inputs("sum", x)
     return Reduce.apply(x, axis=_norm_axis(axis, x.ndim), keepdim=keepdim, mean=False)
 
 
 def mean(x: Tensor, axis=None, keepdim: bool = False) -> Tensor:
     """Mean over `axis` (int, tuple or None for all)."""
+    x, = amp_inputs("mean", x)
     return Reduce.apply(x, axis=_norm_axis(axis, x.ndim), keepdim=keepdim, mean=True)
 
 

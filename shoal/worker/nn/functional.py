@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 
 from shoal.kernels import backend_of
+from shoal.worker.amp._autocast import amp_inputs
 from shoal.worker.autograd import Function
 from shoal.worker.errors import DTypeError, IndexRangeError, ShapeError
 from shoal.worker.ops import _UNARY, Unary, lift
@@ -46,6 +47,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         raise ShapeError(f"linear: input of shape {x.shape} does not fit weight "
                          f"{weight.name or ''} of shape {weight.shape} (needs input[..., "
                          f"{weight.shape[0] if weight.ndim == 2 else '?'}])")
+    x, weight, bias = amp_inputs("linear", x, weight, bias)
     if x.dtype != weight.dtype:
         raise DTypeError(f"linear: input dtype {x.dtype} != weight dtype {weight.dtype}; "
                          f"cast the input with .astype('{weight.dtype}')")
@@ -119,10 +121,12 @@ def _axis(x: Tensor, axis: int, op: str) -> int:
 
 
 def softmax(x: Tensor, axis: int = -1) -> Tensor:
+    x, = amp_inputs("softmax", x)
     return Softmax.apply(x, axis=_axis(x, axis, "softmax"), log=False)
 
 
 def log_softmax(x: Tensor, axis: int = -1) -> Tensor:
+    x, = amp_inputs("log_softmax", x)
     return Softmax.apply(x, axis=_axis(x, axis, "log_softmax"), log=True)
 
 
@@ -182,6 +186,7 @@ class LayerNorm(Function):
 def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None,
                bias: Tensor | None = None, epsilon: float = 1e-5) -> Tensor:
     """Normalize over the trailing `normalized_shape` axes, then scale and shift."""
+    x, weight, bias = amp_inputs("layer_norm", x, weight, bias)
     shape = (normalized_shape,) if isinstance(normalized_shape, int) else tuple(normalized_shape)
     if x.shape[x.ndim - len(shape):] != shape:
         raise ShapeError(f"layer_norm: input shape {x.shape} does not end in normalized_shape "

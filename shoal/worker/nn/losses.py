@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from shoal.kernels import backend_of
+from shoal.worker.amp._autocast import amp_inputs
 from shoal.worker.autograd import Function
 from shoal.worker.errors import DTypeError, IndexRangeError, ShapeError
 from shoal.worker.ops import lift, stable_sigmoid
@@ -79,6 +80,7 @@ def cross_entropy(input: Tensor, label, soft_label: bool = False, reduction: str
         ignore_index: a class id whose entries contribute nothing.
     """
     _check_reduction(reduction, "cross_entropy")
+    input, label = amp_inputs("cross_entropy", input, label)
     if input.ndim == 0:
         raise ShapeError("cross_entropy: input must have a class axis, got a 0-d tensor")
     axis = axis % input.ndim
@@ -151,6 +153,7 @@ def binary_cross_entropy_with_logits(logit: Tensor, label, weight=None, reductio
                                      pos_weight=None) -> Tensor:
     """Sigmoid + binary cross entropy in one stable op; `label` has `logit`'s shape."""
     _check_reduction(reduction, "binary_cross_entropy_with_logits")
+    logit, label = amp_inputs("binary_cross_entropy_with_logits", logit, label)
     label = lift(label, logit)
     if label.shape != logit.shape:
         raise ShapeError(f"binary_cross_entropy_with_logits: label shape {label.shape} != logit "
@@ -169,6 +172,7 @@ def binary_cross_entropy_with_logits(logit: Tensor, label, weight=None, reductio
 def mse_loss(input: Tensor, label, reduction: str = "mean") -> Tensor:
     """(input - label)^2, reduced; the shapes must match exactly (no silent broadcast)."""
     _check_reduction(reduction, "mse_loss")
+    input, label = amp_inputs("mse_loss", input, label)
     label = lift(label, input)
     if label.shape != input.shape:
         raise ShapeError(f"mse_loss: label shape {label.shape} != input shape {input.shape}")

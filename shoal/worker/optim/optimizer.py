@@ -9,11 +9,15 @@ from __future__ import annotations
 import math
 from typing import Callable, Iterable
 
+import numpy as np
+
 from shoal.kernels import backend_of
 from shoal.worker.errors import ShapeError, StateDictError
 from shoal.worker.optim.lr import LRScheduler
 from shoal.worker.sparse import SparseGrad
 from shoal.worker.tensor import Tensor
+
+_F16, _F32 = np.dtype("float16"), np.dtype("float32")
 
 
 class ClipGradByGlobalNorm:
@@ -71,6 +75,10 @@ class Optimizer:
         parameters: the tensors to update (required in eager mode), e.g. model.parameters().
         weight_decay: L2 coefficient added to the gradient (``g + wd * p``).
         grad_clip: e.g. ClipGradByGlobalNorm(1.0), applied before the update.
+        multi_precision: keep a float32 master copy of every float16 parameter (set by
+            `shoal.amp.decorate(level="O2")`): the update runs on the master with a float32
+            gradient and its state slots in float32, then the master is written back into
+            the parameter rounded to float16. state_dict carries it as "<index>.master".
 
     `step()` updates every parameter that has a gradient and leaves the
     gradients in place; `clear_grad()` drops them (gradients accumulate across
@@ -82,7 +90,8 @@ class Optimizer:
     coupled_decay = True  # add weight_decay * p to the gradient before the kernel
     lazy_mode = True      # row-sparse gradients touch only their rows (False: densify first)
 
-    def __init__(self, learning_rate=0.001, parameters=None, weight_decay=None, grad_clip=None):
+    def __init__(self, learning_rate=0.001, parameters=None, weight_decay=None, grad_clip=None,
+                 *, multi_precision: bool = False):
         if parameters is None:
             raise ValueError(f"{type(self).__name__}: parameters= is required in eager mode; "
                              f"pass model.parameters()")
@@ -104,6 +113,7 @@ class Optimizer:
         self._lr = learning_rate
         self.weight_decay = float(getattr(weight_decay, "coeff", weight_decay) or 0.0)
         self.grad_clip = grad_clip
+        self.multi_precision = bool(multi_precision)
         self._state: dict[int, dict] = {}
 
     # -- learning rate --------------------------------------------------------
@@ -149,12 +159,22 @@ class Optimizer:
     def _init_slot(self, name: str, p: Tensor):
         return p.backend.xp.zeros_like(p.data)
 
+    def _wants_master(self, p: Tensor) -> bool:
+        return self.multi_precision and p.dtype == _F16
+
     def _slots_of(self, p: Tensor) -> dict:
         st = self._state.get(id(p))
         if st is None:
-            st = {name: self._init_slot(name, p) for name in self.slots}
+            st, like = {}, p
+            if self._wants_master(p):
+                st["master"] = p.data.astype(_F32)
+                like = Tensor._make(st["master"])   # the slots take the master's dtype
+            st.update({name: self._init_slot(name, like) for name in self.slots})
             st["step"] = 0
             self._state[id(p)] = st
+        elif self._wants_master(p) and "master" not in st:
+            # state loaded without a master (saved before decorate): start it from the weights
+            st["master"] = p.data.astype(_F32)
         return st
 
     def _hparams(self, p: Tensor, lr: float, step: int) -> dict:
@@ -167,19 +187,27 @@ class Optimizer:
         be = backend_of(p.data)
         kw = self._hparams(p, lr, st["step"])
         states = [st[s] for s in self.slots]
+        master = st.get("master")
+        weights = p.data if master is None else master
         wd = self.weight_decay if self.coupled_decay else 0.0
         if isinstance(g, SparseGrad) and not self.lazy_mode:
             g = g.to_dense()
         if isinstance(g, SparseGrad):
             g = g.merged()
-            rows = g.rows
+            rows = g.rows if master is None else g.rows.astype(_F32, copy=False)
             if wd:
-                rows = rows + wd * be.gather_rows(p.data, g.ids)
-            be.rows_update_(self.kernel, p.data, g.ids, rows, *states, **kw)
+                rows = rows + wd * be.gather_rows(weights, g.ids)
+            be.rows_update_(self.kernel, weights, g.ids, rows, *states, **kw)
+            if master is not None:
+                p.data[g.ids] = be.gather_rows(master, g.ids)   # rounded to float16 on store
         else:
+            if master is not None:
+                g = g.astype(_F32, copy=False)
             if wd:
-                g = g + wd * p.data
-            getattr(be, self.kernel)(p.data, g, *states, **kw)
+                g = g + wd * weights
+            getattr(be, self.kernel)(weights, g, *states, **kw)
+            if master is not None:
+                be.xp.copyto(p.data, master, casting="same_kind")   # in place: p stays p
 
     # -- state -----------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -216,17 +244,26 @@ class Optimizer:
         for key, v in state_dict["state"].items():
             idx, _, slot = str(key).partition(".")
             if not idx.isdigit() or int(idx) >= len(self._params) or \
-                    slot not in self.slots + ("step",):
+                    slot not in self.slots + ("step", "master"):
                 raise StateDictError(f"{where}: unexpected key {key!r}; {type(self).__name__} "
-                                     f"keeps {list(self.slots) + ['step']} per parameter")
+                                     f"keeps {list(self.slots) + ['step']} per parameter (and "
+                                     f"'master' for float16 ones with multi_precision)")
             p = self._params[int(idx)]
+            if slot == "master" and not self._wants_master(p):
+                raise StateDictError(
+                    f"{where}: {key!r} is a float32 master weight but parameter {idx} "
+                    f"({p.name}) is {p.dtype} with multi_precision={self.multi_precision}; "
+                    f"decorate the model and optimizer with shoal.amp.decorate(level='O2') "
+                    f"before loading an O2 optimizer's state")
             if slot != "step":
                 arr = v.data if isinstance(v, Tensor) else v
                 if tuple(arr.shape) != p.shape:
                     raise ShapeError(f"{where}: {key!r} has shape {tuple(arr.shape)} but parameter "
                                      f"{idx} ({p.name}) has shape {p.shape}")
-                # a copy: the source optimizer keeps updating its own arrays in place
-                v = p.backend.xp.array(backend_of(arr).to_numpy(arr), dtype=p.dtype, copy=True)
+                # a copy: the source optimizer keeps updating its own arrays in place; with a
+                # master weight the slots are float32 as well
+                dtype = _F32 if self._wants_master(p) else p.dtype
+                v = p.backend.xp.array(backend_of(arr).to_numpy(arr), dtype=dtype, copy=True)
             new.setdefault(int(idx), {})[slot] = int(v) if slot == "step" else v
         for idx, st in new.items():
             missing = set(self.slots + ("step",)) - set(st)

@@ -2,7 +2,10 @@
 
 A transform is called as `transform(params) -> bool` before each optimizer step, with the
 trainable parameters (their `.grad` set by backward, and by DataParallel already averaged over
-ranks); it may change the gradients in place and returns False to skip this step's update.
+ranks); it may change the gradients in place and returns False to skip this step's update
+(the transforms after it are then not called). A transform may also have `wants_sync()` (should
+the coming backward all-reduce?) and `after_step(params)` (called after an applied update, in
+the chain's order: LocalSGD averages the parameters there).
 `TransformedOptimizer` chains them in the order given, as the strategy lists them (STYLE.md
 §9: plain pieces in a visible order, no meta-optimizer search):
 
@@ -90,14 +93,40 @@ class TransformedOptimizer:
         self._applied = all(t(params) for t in self._transforms)
         if self._applied:
             self._inner.step()
+            for t in self._transforms:
+                if hasattr(t, "after_step"):
+                    t.after_step(params)
         self._set_sync()
 
     def clear_grad(self, set_to_zero: bool = False) -> None:
         if self._applied:
             self._inner.clear_grad(set_to_zero)
 
+    def bind(self, model) -> None:
+        """The model whose gradient sync the transforms drive (when it was wrapped after the
+        optimizer)."""
+        self._model = model
+        self._set_sync()
+
+    def scale(self, loss):
+        """`loss` as backward should see it: multiplied by the loss scale when a transform
+        scales losses (AMP), else unchanged."""
+        for t in self._transforms:
+            if hasattr(t, "scale"):
+                loss = t.scale(loss)
+        return loss
+
+    @property
+    def loss_scaler(self):
+        """A GradScaler-shaped view (scale, step, update) for loops that drive the scaler
+        themselves, such as PipelineParallel.train_batch; None without a scaling transform."""
+        if not any(hasattr(t, "scale") for t in self._transforms):
+            return None
+        return _ChainScaler(self)
+
     def minimize(self, loss) -> None:
-        loss.backward()
+        """backward() of the (scaled) loss, then step()."""
+        self.scale(loss).backward()
         self.step()
 
     def state_dict(self) -> dict:
@@ -113,3 +142,19 @@ class TransformedOptimizer:
                 t.set_state_dict(s)
         self._inner.set_state_dict(state)
         self._set_sync()
+
+
+class _ChainScaler:
+    """scale / step / update of a TransformedOptimizer whose transforms scale the loss."""
+
+    def __init__(self, opt: TransformedOptimizer):
+        self._opt = opt
+
+    def scale(self, loss):
+        return self._opt.scale(loss)
+
+    def step(self, optimizer) -> None:
+        optimizer.step()
+
+    def update(self) -> None:
+        """Nothing: the scaling transform updates the scale inside step()."""

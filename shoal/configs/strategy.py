@@ -21,7 +21,7 @@ import pydantic
 from pydantic import Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from shoal.configs import _yaml
+from shoal.configs import _composition, _yaml
 from shoal.configs._base import ConfigModel, explicit_dict
 from shoal.configs._collective import (AmpConfig, GradientMergeConfig, LambConfig, LarsConfig,
                                        LocalSGDConfig, PipelineConfig, RecomputeConfig,
@@ -113,10 +113,17 @@ class DistributedStrategy(ConfigModel):
         if conflicts:
             message, at = conflicts[0]
             raise PydanticCustomError("contradiction", message, {"at": at})
-        if self.lars and self.lamb:
+        enabled = {name for name in _composition.OPTIMIZER_ORDER + _composition.MODEL_ORDER
+                   if getattr(self, name)}
+        clashes = _composition.conflicts(enabled)
+        if clashes:
+            message, at = clashes[0]
+            raise PydanticCustomError("contradiction", message, {"at": at})
+        if self.recompute and not self.recompute_configs.checkpoints:
             raise PydanticCustomError(
-                "contradiction", "lars=true contradicts lamb=true: both replace the optimizer's "
-                "update (LARS for Momentum, LAMB for Adam); switch one off", {"at": "lamb"})
+                "missing", "recompute=true needs recompute_configs.checkpoints: the names of the "
+                "layers to recompute (model.named_sublayers() lists them)",
+                {"at": "recompute_configs.checkpoints"})
         return self
 
     @property

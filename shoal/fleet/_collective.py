@@ -1,8 +1,9 @@
 """fleet in collective mode (`fleet.init(is_collective=True)`): data parallel over collectives.
 
-`distributed_model` wraps the model in DataParallel (buckets of the strategy's
-fuse_grad_size_in_MB); `distributed_optimizer` chains the strategy's gradient transforms
-(gradient_merge) before the user's optimizer. Roles: every process is a worker; rank and world
+`distributed_model` and `distributed_optimizer` apply the strategy's pieces in the order
+shoal.configs._composition fixes (shoal.fleet._strategies): recompute, amp, pipeline, sharding
+or DataParallel on the model; lars/lamb, gradient_merge, amp, sharding, localsgd on the
+optimizer. Roles: every process is a worker; rank and world
 size come from the collective world (`shoal.collective.init_parallel_env`).
 """
 from __future__ import annotations
@@ -61,21 +62,32 @@ class CollectiveRuntime(StrategyChoice):
 
     # -- training ------------------------------------------------------------------------
     def distributed_model(self, model):
-        from shoal.collective import DataParallel
-        s = self.strategy
-        size = s.fuse_grad_size_in_MB if s.fuse_all_reduce_ops else 1e-9  # unfused: one per parameter
-        self.model = DataParallel(model, fuse_grad_size_in_MB=size)
+        """`model` with the strategy's model pieces (recompute, amp, pipeline, sharding) and
+        data parallel, in shoal.configs._composition's order."""
+        from shoal.fleet._strategies import wrap_model
+        self.model = wrap_model(self._wiring(), model)
+        if self.optimizer is not None:
+            self.optimizer.bind(self.model)
         return self.model
 
     def distributed_optimizer(self, optimizer, strategy: DistributedStrategy | None):
-        from shoal.collective.transforms import TransformedOptimizer, gradient_merge
+        """`optimizer` with the strategy's optimizer pieces (lars/lamb, gradient_merge, amp,
+        sharding, localsgd), in shoal.configs._composition's order."""
+        from shoal.fleet._strategies import wrap_optimizer
         self.set_strategy(strategy, "fleet.distributed_optimizer")
-        s, transforms = self.strategy, []
-        if s.gradient_merge:
-            transforms.append(gradient_merge(s.gradient_merge_configs.k_steps,
-                                             s.gradient_merge_configs.avg))
-        self.optimizer = TransformedOptimizer(optimizer, transforms, model=self.model)
+        self.optimizer = wrap_optimizer(self._wiring(), optimizer)
         return self.optimizer
+
+    def _wiring(self):
+        from shoal.fleet._strategies import Wiring
+        w = getattr(self, "_wired", None)
+        if w is not None and w.s is not self.strategy and self.model is not None:
+            raise FleetError(f"fleet.distributed_optimizer: its strategy differs from the one "
+                             f"fleet.distributed_model applied in {w.s.diff(self.strategy)}; "
+                             f"pass the strategy to fleet.init instead")
+        if w is None or w.s is not self.strategy:
+            w = self._wired = Wiring(self.strategy, self._dist.get_world_size())
+        return w
 
     def init_worker(self, model=None) -> None:
         """Nothing to connect: the world joined at fleet.init()."""

@@ -12,6 +12,9 @@ from shoal.collective._api import (ReduceOp, all_gather, all_reduce, alltoall, b
                                    reduce_scatter, scatter, send)
 from shoal.collective._group import ProcessGroup, Task, backends, get_backend, register_backend
 from shoal.collective.data_parallel import DataParallel
+from shoal.collective.sharding import (ShardedDataParallel, ShardingOptimizer, held_bytes,
+                                       sharding_groups)
+from shoal.collective.pipeline import PipelineLayer, PipelineParallel, ScheduleError
 from shoal.collective.transforms import TransformedOptimizer, gradient_merge
 from shoal.collective._store import PrefixStore, StoreClient, StoreServer
 from shoal.collective.errors import (BackendUnavailableError, CollectiveError,
@@ -23,7 +26,9 @@ __all__ = [
     "init_parallel_env", "is_initialized", "destroy_process_group", "get_rank", "get_world_size",
     "new_group", "ReduceOp", "all_reduce", "broadcast", "reduce", "all_gather", "scatter",
     "reduce_scatter", "alltoall", "barrier", "send", "recv", "Task", "DataParallel",
-    "gradient_merge", "TransformedOptimizer", "ProcessGroup",
+    "gradient_merge", "TransformedOptimizer", "ShardedDataParallel", "ShardingOptimizer",
+    "sharding_groups", "held_bytes", "PipelineLayer", "PipelineParallel",
+    "ScheduleError", "ProcessGroup",
     "register_backend", "get_backend", "backends", "StoreServer", "StoreClient", "PrefixStore",
     "CollectiveError", "CollectiveTimeoutError", "BackendUnavailableError", "NotInitializedError",
     "RendezvousError", "StoreTimeoutError", "PeerFailedError", "GroupBrokenError",

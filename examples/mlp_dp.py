@@ -12,6 +12,13 @@ Rank 0 prints the loss (averaged over ranks) every --log-every steps and ends wi
     python examples/mlp_dp.py                                # one process (a world of one)
     fleetrun --nproc_per_node 2 examples/mlp_dp.py           # two data-parallel workers
     fleetrun --nproc_per_node 2 examples/mlp_dp.py --strategy collective_dp --steps 500
+
+Every collective preset runs it (`fleetrun --nproc_per_node 2 --strategy <preset>
+examples/mlp_dp.py`): sharding_stage1/2, amp_o1/o2, recompute (its checkpoints name this
+model's hidden blocks, body.0 and body.1), gradient_merge, localsgd, lars (the example then
+builds Momentum: LARS replaces a Momentum optimizer), lamb; pipeline_1f1b/fthenb cut the
+same layers into one stage per rank and train with `model.train_batch`, a step being
+micro_batch_size * accumulate_steps samples per pipeline (the strategy's, not --batch-size).
 """
 from __future__ import annotations
 
@@ -60,25 +67,53 @@ def synthetic(n_train: int, n_test: int, seed: int):
             *draw(n_test, np.random.default_rng(seed + 2)))
 
 
+def blocks(hidden: int) -> list:
+    """Two hidden blocks (Linear + ReLU) and the classifier."""
+    return [nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.ReLU()),
+            nn.Sequential(nn.Linear(hidden, hidden), nn.ReLU()),
+            nn.Linear(hidden, N_CLASSES)]
+
+
 class MLP(nn.Layer):
     def __init__(self, hidden: int):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, hidden), nn.ReLU(),
-                                  nn.Linear(hidden, N_CLASSES))
+        self.body = nn.Sequential(*blocks(hidden))
 
     def forward(self, x):
         return self.body(x)
+
+
+def build(args, world: int):
+    """(model, optimizer) as fleet wraps them for the strategy in force."""
+    s = fleet.strategy()
+    if s.pipeline:
+        from shoal.collective import PipelineLayer
+        model = PipelineLayer(blocks(args.hidden), num_stages=world,
+                              loss_fn=lambda out, y: F.cross_entropy(out, y))
+    else:
+        model = MLP(args.hidden)
+    model = fleet.distributed_model(model)
+    if s.lars:   # LARS replaces a Momentum optimizer
+        opt = shoal.optimizer.Momentum(args.lr * 30, momentum=0.9, parameters=model.parameters())
+    else:
+        opt = shoal.optimizer.Adam(args.lr, parameters=model.parameters())
+    return model, fleet.distributed_optimizer(opt)
 
 
 def global_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     """Accuracy over the whole held-out set: each rank scores its share, counts are summed."""
     rank, world = fleet.worker_index(), fleet.worker_num()
     mine = slice(rank, None, world)
-    model.eval()
-    with shoal.no_grad():
-        pred = model(shoal.to_tensor(x[mine])).numpy().argmax(axis=1)
-    model.train()
+    if hasattr(model, "eval_batch"):   # a pipeline: every stage gets the last one's outputs
+        n = model.micro_batch_size * model.accumulate_steps
+        mine = slice(0, len(x) // n * n) if rank == 0 else slice(0, 0)
+        pred = np.concatenate([model.eval_batch(x[i:i + n], compute_loss=False).argmax(axis=1)
+                               for i in range(0, mine.stop, n)] or [np.zeros(0, np.int64)])
+    else:
+        model.eval()
+        with shoal.no_grad():
+            pred = model(shoal.to_tensor(x[mine])).numpy().argmax(axis=1)
+        model.train()
     counts = np.array([(pred == y[mine]).sum(), len(pred)], dtype=np.int64)
     dist.all_reduce(counts)
     return float(counts[0] / counts[1])
@@ -90,15 +125,17 @@ def run(argv=None) -> dict:
     strategy = DistributedStrategy.load(args.strategy) if args.strategy else None
     fleet.init(is_collective=True, strategy=strategy)
     rank, world = fleet.worker_index(), fleet.worker_num()
-    if args.batch_size % world:
+    pipe = fleet.strategy().pipeline_configs if fleet.strategy().pipeline else None
+    if pipe is not None:   # one pipeline over every rank: each rank reads the whole batch
+        args.batch_size = pipe.micro_batch_size * pipe.accumulate_steps
+    elif args.batch_size % world:
         sys.exit(f"mlp_dp: --batch-size {args.batch_size} does not split evenly over {world} "
                  f"ranks; give a multiple of {world}")
-    per_rank = args.batch_size // world
+    per_rank = args.batch_size if pipe is not None else args.batch_size // world
     x_train, y_train, x_test, y_test = synthetic(args.samples, args.test_samples, args.seed)
 
     shoal.seed(args.seed)
-    model = fleet.distributed_model(MLP(args.hidden))
-    opt = fleet.distributed_optimizer(shoal.optimizer.Adam(args.lr, parameters=model.parameters()))
+    model, opt = build(args, world)
     if rank == 0:
         print(f"{world} rank(s), global batch {args.batch_size} ({per_rank} per rank), "
               f"{args.steps} steps", flush=True)
@@ -109,15 +146,19 @@ def run(argv=None) -> dict:
     for step in range(1, args.steps + 1):
         if pos + args.batch_size > len(order):
             order, pos = epoch_rng.permutation(len(x_train)), 0
-        shard = order[pos + rank * per_rank:pos + (rank + 1) * per_rank]
+        lo = pos if pipe is not None else pos + rank * per_rank
+        shard = order[lo:lo + per_rank]
         pos += args.batch_size
-        loss = F.cross_entropy(model(shoal.to_tensor(x_train[shard])),
-                               shoal.to_tensor(y_train[shard]))
-        loss.backward()
-        opt.step()
-        opt.clear_grad()
+        if pipe is not None:
+            loss = model.train_batch((x_train[shard], y_train[shard]), opt)
+        else:
+            loss = F.cross_entropy(model(shoal.to_tensor(x_train[shard])),
+                                   shoal.to_tensor(y_train[shard]))
+            opt.minimize(loss)     # backward (of the scaled loss under amp), then the step
+            opt.clear_grad()
+            loss = loss.item()
         if step % args.log_every == 0 or step == args.steps:
-            mean = np.array([loss.item()], dtype=np.float64)
+            mean = np.array([loss], dtype=np.float64)
             dist.all_reduce(mean, op=dist.ReduceOp.AVG)
             loss_avg = float(mean[0])
             if rank == 0:

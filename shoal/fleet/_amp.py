@@ -11,6 +11,7 @@ import numpy as np
 
 from shoal.configs._collective import AmpConfig
 from shoal.fleet.errors import FleetError
+from shoal.worker.nn.layer import Layer
 
 
 class _Params:
@@ -66,3 +67,52 @@ class AmpStep:
     def set_state_dict(self, state: dict) -> None:
         self.scaler.load_state_dict(state["scaler"])
         self.skipped = int(state.get("skipped", 0))
+
+
+class AutoCastLayer(Layer):
+    """`layers` whose forward runs under shoal.amp.auto_cast with the strategy's level and lists;
+    float16 outputs come back as float32, so the loss computed outside the model runs in
+    float32 too. State dicts have the wrapped layer's keys."""
+
+    def __init__(self, layers: Layer, cfg: AmpConfig):
+        super().__init__()
+        self._layers = layers
+        object.__setattr__(self, "_cast", _cast(cfg))
+
+    def forward(self, *args, **kwargs):
+        with self._cast:
+            out = self._layers(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(_float32(o) for o in out)
+        return _float32(out)
+
+    def state_dict(self):
+        return self._layers.state_dict()
+
+    def set_state_dict(self, state_dict, strict: bool = True):
+        return self._layers.set_state_dict(state_dict, strict)
+
+    load_dict = set_state_dict
+
+
+def _float32(t):
+    dtype = getattr(t, "dtype", None)
+    if dtype is not None and dtype == np.float16:
+        return t.astype(np.float32)
+    return t
+
+
+def _cast(cfg: AmpConfig):
+    from shoal.worker import amp
+    return amp.auto_cast(level="O2" if cfg.use_pure_fp16 else "O1",
+                         custom_white_list=cfg.custom_white_list,
+                         custom_black_list=cfg.custom_black_list)
+
+
+def autocast_pipeline_layer(layer, cfg: AmpConfig):
+    """A PipelineLayer whose stage forward and loss_fn run under auto_cast (in place: the
+    pipeline executor calls both; activations cross stages in float16)."""
+    object.__setattr__(layer, "forward", _cast(cfg)(layer.forward))
+    if layer.loss_fn is not None:
+        object.__setattr__(layer, "loss_fn", _cast(cfg)(layer.loss_fn))
+    return layer

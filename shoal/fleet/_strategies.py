@@ -33,23 +33,22 @@ def _recompute(w: Wiring, model):
 
 
 def _amp_model(w: Wiring, model):
+    from shoal.fleet._amp import AutoCastLayer, autocast_pipeline_layer
     from shoal.worker import amp
-    cfg = w.s.amp_configs
-    level = "O2" if cfg.use_pure_fp16 else "O1"
-    if level == "O2":
+    if w.s.amp_configs.use_pure_fp16:
         model = amp.decorate(model, level="O2")
-    return amp.AutoCastLayer(model, level=level, custom_white_list=cfg.custom_white_list,
-                             custom_black_list=cfg.custom_black_list)
+    if w.s.pipeline:   # the stage's forward and the last stage's loss run under auto_cast
+        return autocast_pipeline_layer(model, w.s.amp_configs)
+    return AutoCastLayer(model, w.s.amp_configs)
 
 
 def _pipeline(w: Wiring, model):
     from shoal.collective.pipeline import PipelineLayer, PipelineParallel
-    inner = getattr(model, "inner", model)
-    if not isinstance(inner, PipelineLayer):
+    if not isinstance(model, PipelineLayer):
         raise FleetError(f"strategy.pipeline: fleet.distributed_model needs a PipelineLayer "
                          f"(shoal.collective.PipelineLayer(layers, num_stages=...)), got "
-                         f"{type(inner).__name__}")
-    stages = inner.num_stages
+                         f"{type(model).__name__}")
+    stages = model.num_stages
     if w.world % stages:
         raise FleetError(f"strategy.pipeline: {stages} pipeline stages do not divide the "
                          f"{w.world} ranks; start a multiple of {stages} ranks "
@@ -143,7 +142,7 @@ def _amp_optimizer(w: Wiring, opt, transforms):
     from shoal.fleet._amp import AmpStep
     if w.s.amp_configs.use_pure_fp16:
         from shoal.worker import amp
-        opt = amp.decorate(None, opt, level="O2")[1]
+        opt = amp.decorate([], opt, level="O2")[1]
     transforms.append(AmpStep(w.s.amp_configs))
     return opt
 

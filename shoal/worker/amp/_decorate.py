@@ -99,9 +99,9 @@ def decorate(models, optimizers=None, level: str = "O2", dtype: str = "float16",
                            f"{sorted(str(d) for d in _SAVE_DTYPES)}")
     model_list, single_model = _as_list(models, "models", lambda m: isinstance(m, Layer))
     opt_list, single_opt = ([], True) if optimizers is None else _as_list(
-        optimizers, "optimizers", lambda o: isinstance(base_optimizer(o), Optimizer))
+        optimizers, "optimizers", lambda o: isinstance(base_optimizer(o, "decorate"), Optimizer))
     if lv is AmpLevel.O2:
-        bases = [base_optimizer(o) for o in opt_list]
+        bases = [base_optimizer(o, "decorate") for o in opt_list]
         keep_master = master_weight is None or bool(master_weight)
         masters: dict[int, list] = {}
         for opt in bases:

@@ -35,7 +35,7 @@ class _OptState(enum.Enum):
     STEPPED = 2   # step() ran (or was skipped) for it
 
 
-def base_optimizer(optimizer):
+def base_optimizer(optimizer, where: str = "GradScaler"):
     """The engine Optimizer under wrappers (TransformedOptimizer, sharding): the object that
     holds `_params` itself, found through `.inner`."""
     seen = optimizer
@@ -46,7 +46,7 @@ def base_optimizer(optimizer):
         if inner is None:
             break
         seen = inner
-    raise AmpError(f"GradScaler: cannot find the parameters of {type(optimizer).__name__}: "
+    raise AmpError(f"{where}: cannot find the parameters of {type(optimizer).__name__}: "
                    f"expected an engine Optimizer (with ._params) or a wrapper exposing it as "
                    f".inner")
 

@@ -101,3 +101,23 @@ def dead_stage(timeout: float) -> dict:
         out["waited"] = time.monotonic() - start
     dist.destroy_process_group()
     return out
+
+
+class HalvingScaler:
+    """A duck-typed GradScaler: scale x2, unscale in step, count the updates."""
+
+    def __init__(self):
+        self.scaled = self.updates = 0
+
+    def scale(self, loss):
+        self.scaled += 1
+        return loss * 2.0
+
+    def step(self, optimizer):
+        for p in optimizer._params:
+            if p._grad is not None:
+                p._grad = p._grad * 0.5
+        optimizer.step()
+
+    def update(self):
+        self.updates += 1

@@ -1,5 +1,5 @@
-"""Point-to-point pieces of the pipeline: arrays with a header, a broadcast of any array, and
-the data-parallel gradient average fused into one flat buffer per dtype."""
+"""The pipeline's communication: arrays sent with a header (dtype, shape), a broadcast of an
+array of any shape, and the data-parallel gradient average fused into one buffer per dtype."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,12 +49,11 @@ def recv_array(src: int, group, xp=None):
 
 
 def broadcast_array(array, src: int, group, what: str):
-    """`array` of global rank `src` on every rank of `group` (others pass None)."""
+    """`array` (writable, contiguous) of global rank `src` on every rank of `group` (the
+    others pass None and get a new array)."""
     head = _header(array, what) if array is not None else np.empty(2 + _MAX_NDIM, np.int64)
     _api.broadcast(head, src, group)
     out = array if array is not None else _empty_from(head, default_backend().xp)
-    if array is not None and not (getattr(out, "flags", None) is None or out.flags.writeable):
-        out = out.copy()
     _api.broadcast(out, src, group)
     return out
 

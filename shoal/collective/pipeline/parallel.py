@@ -25,7 +25,7 @@ import numpy as np
 
 from shoal.collective import _api
 from shoal.collective.errors import InvalidArgumentError
-from shoal.collective.pipeline import _p2p
+from shoal.collective.pipeline import _comm
 from shoal.collective.pipeline.layer import PipelineLayer
 from shoal.collective.pipeline.schedule import (SCHEDULES, Backward, Forward, OptimizerStep,
                                                 RecvActivation, RecvGrad, ReduceGrads,
@@ -174,6 +174,8 @@ class PipelineParallel(Layer):
         and averaged over the dp group: every rank returns the same float, the loss of the
         global batch. Then the optimizer steps (`scaler.step(optimizer); scaler.update()` with
         a scaler), its gradients are cleared and `lr_scheduler.step()` runs when given.
+        Gradients already on the parameters when it starts are added to (after a failed
+        batch, call optimizer.clear_grad() first).
 
         Raises InvalidArgumentError for a bad batch or no loss_fn (on every rank, before any
         communication), CollectiveTimeoutError/PeerFailedError when a stage fails. Blocks until
@@ -223,7 +225,7 @@ class PipelineParallel(Layer):
         if self._layers.is_last_stage:
             xp = backend_of(run.results[0]).xp
             out = xp.ascontiguousarray(xp.concatenate(run.results, axis=0))
-        out = _p2p.broadcast_array(out, last, self.pp_group, "eval_batch outputs")
+        out = _comm.broadcast_array(out, last, self.pp_group, "eval_batch outputs")
         return backend_of(out).to_numpy(out)
 
     def _split(self, data, where: str, *, need_labels: bool):
@@ -275,7 +277,7 @@ class PipelineParallel(Layer):
 
     # -- the instructions --------------------------------------------------------------------
     def _recv_activation(self, run: _Run, ins: RecvActivation) -> None:
-        array = _p2p.recv_array(self._prev, self.pp_group)
+        array = _comm.recv_array(self._prev, self.pp_group)
         run.received[ins.micro_batch] = Tensor._make(array, run.train and array.dtype.kind == "f")
 
     def _forward(self, run: _Run, ins: Forward) -> None:
@@ -305,7 +307,7 @@ class PipelineParallel(Layer):
 
     def _send_activation(self, run: _Run, ins: SendActivation) -> None:
         out = run.outputs[ins.micro_batch] if run.train else run.outputs.pop(ins.micro_batch)
-        _p2p.send_array(out.data, self._next, self.pp_group,
+        _comm.send_array(out.data, self._next, self.pp_group,
                         f"stage {self._layers.stage}'s output")
 
     def _recv_grad(self, run: _Run, ins: RecvGrad) -> None:
@@ -336,7 +338,7 @@ class PipelineParallel(Layer):
 
     def _reduce_grads(self, run: _Run, ins: ReduceGrads) -> None:
         if self.dp_group is not None and self.dp_group.size > 1:
-            _p2p.average_grads([p for p in self._layers.parameters() if p.requires_grad],
+            _comm.average_grads([p for p in self._layers.parameters() if p.requires_grad],
                                self.dp_group)
 
     def _optimizer_step(self, run: _Run, ins: OptimizerStep) -> None:

@@ -174,6 +174,8 @@ class PipelineParallel(Layer):
         and averaged over the dp group: every rank returns the same float, the loss of the
         global batch. Then the optimizer steps (`scaler.step(optimizer); scaler.update()` with
         a scaler), its gradients are cleared and `lr_scheduler.step()` runs when given.
+        Without `scaler`, an optimizer that scales losses itself (fleet's, under strategy.amp)
+        lends its `loss_scaler`.
         Gradients already on the parameters when it starts are added to (after a failed
         batch, call optimizer.clear_grad() first).
 
@@ -184,6 +186,8 @@ class PipelineParallel(Layer):
             raise InvalidArgumentError("train_batch: the PipelineLayer has no loss_fn; build it "
                                        "with loss_fn=(output, label) -> Tensor")
         inputs, labels = self._split(data, "train_batch", need_labels=True)
+        if scaler is None:
+            scaler = getattr(optimizer, "loss_scaler", None)
         run = _Run(inputs, labels, train=True, compute_loss=True, optimizer=optimizer,
                    lr_scheduler=lr_scheduler, scaler=scaler)
         self._layers.train()

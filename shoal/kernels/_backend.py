@@ -66,6 +66,15 @@ class Backend(ABC):
             self._rng = self._make_rng(None)
         return self._rng
 
+    def get_rng_state(self):
+        """A snapshot of this backend's generator, for `set_rng_state` (recompute replays the
+        dropout masks of a forward with it)."""
+        return self.rng.bit_generator.state
+
+    def set_rng_state(self, state) -> None:
+        """Put the generator back where `get_rng_state` was taken."""
+        self.rng.bit_generator.state = state
+
     def uniform(self, shape, low: float = 0.0, high: float = 1.0, dtype="float32"):
         return self.rng.uniform(low, high, size=shape).astype(dtype, copy=False)
 

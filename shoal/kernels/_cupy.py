@@ -63,6 +63,13 @@ class CupyBackend(Backend):
     def _make_rng(self, seed):
         return _cupy().random.default_rng(seed)
 
+    def get_rng_state(self):
+        # cupy's bit generators keep per-thread cuRAND states in one device array, no `state`
+        return self.rng.bit_generator._state.copy()
+
+    def set_rng_state(self, state) -> None:
+        self.rng.bit_generator._state[...] = state
+
     def uniform(self, shape, low=0.0, high=1.0, dtype="float32"):
         return self.rng.random(size=shape, dtype=dtype) * (high - low) + low
 

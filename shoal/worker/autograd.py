@@ -118,8 +118,9 @@ def accumulate(a, b):
     return a + b
 
 
-def _toposort(start) -> list:
-    """Nodes reachable from `start` (Functions and leaf tensors), inputs before users.
+def _toposort(start) -> tuple[list, set]:
+    """Nodes reachable from `start` (Functions and leaf tensors), inputs before users, and the
+    set of their ids.
 
     An iterative depth-first post-order: a node is appended once everything it reaches has been,
     so in reverse every node comes after all of its users (a tensor used twice, as in a residual
@@ -144,7 +145,7 @@ def _toposort(start) -> list:
         for edge, need in zip(node.edges, node.needs_grad):
             if need and id(edge) not in visited:
                 stack.append((edge, False))
-    return order
+    return order, visited
 
 
 def _describe(node) -> str:
@@ -218,27 +219,93 @@ def run_backward(root, grad, retain_graph: bool) -> None:
 
     Callbacks queued during the pass run after it, unless the pass raised."""
     outer, outer_id = getattr(_mode, "callbacks", None), getattr(_mode, "pass_id", None)
-    _mode.callbacks, _mode.pass_id = callbacks, _ = [], next(_passes)
+    outer_hooked = getattr(_mode, "hooked", None)
+    _mode.callbacks, _mode.pass_id, _mode.hooked = callbacks, _, _ = [], next(_passes), set()
     try:
-        _run_backward(root, grad, retain_graph)
+        _run_backward(root if root._ctx is None else root._ctx, grad, retain_graph)
     finally:
-        _mode.callbacks, _mode.pass_id = outer, outer_id
+        _mode.callbacks, _mode.pass_id, _mode.hooked = outer, outer_id, outer_hooked
     for fn in callbacks:
         fn()
 
 
-def _run_backward(root, grad, retain_graph: bool) -> None:
-    start = root if root._ctx is None else root._ctx
+class _Seed(Function):
+    """The start of a nested pass: one node whose input gradients are the roots' gradients."""
+
+    def __init__(self, roots, grads):
+        self.edges = tuple(r if r._ctx is None else r._ctx for r in roots)
+        self.needs_grad = tuple(r.requires_grad and g is not None for r, g in zip(roots, grads))
+        self.out_shape = ()
+        self.grads = tuple(grads)
+
+    def backward(self, grad):
+        return self.grads
+
+
+def run_nested_backward(roots, grads, capture) -> dict:
+    """Backpropagate `grads` from the tensors `roots` as part of the backward pass running on
+    this thread: for a Function whose backward runs a backward of its own (recompute).
+
+    The nested pass is the enclosing one as far as anyone can tell: `backward_pass()` returns
+    its id, callbacks queued inside run when the enclosing pass ends, and leaves accumulate and
+    run their post-accumulate hooks as usual, except the leaves in `capture` (tensors): their
+    summed gradients are returned as {id(leaf): gradient} instead, so the caller hands them on
+    as its own input gradients and the enclosing pass accumulates them (and runs their hooks)
+    once. The graph behind `roots` is freed.
+
+    Args:
+        roots: tensors; a root that does not require grad, or whose gradient is None, is skipped.
+        grads: one array (or None) per root, of the root's shape.
+        capture: leaf tensors whose gradients are returned rather than accumulated.
+    Raises GradError outside a backward pass, or when the graph behind `roots` reaches a node of
+    an enclosing pass's graph (a tensor computed outside that was not passed in as an input).
+    """
+    if backward_pass() is None:
+        raise GradError("run_nested_backward() outside a backward pass: call it from a "
+                        "Function's backward; use Tensor.backward() to start a pass")
+    captured: dict = {}
+    _run_backward(_Seed(roots, grads), True, False, {id(t) for t in capture}, captured)
+    return captured
+
+
+def _reaches_enclosing(order) -> Function | None:
+    for seen in getattr(_mode, "graphs", ())[:-1]:
+        for node in order:
+            if isinstance(node, Function) and id(node) in seen:
+                return node
+    return None
+
+
+def _run_backward(start, grad, retain_graph: bool, capture=None, captured=None) -> None:
+    order, seen = _toposort(start)
+    graphs = _mode.__dict__.setdefault("graphs", [])
+    graphs.append(seen)  # every node of every running pass's graph stays referenced, ids unique
+    try:
+        if capture is not None:
+            clash = _reaches_enclosing(order)
+            if clash is not None:
+                raise GradError(
+                    f"a nested backward (recompute) reached {_describe(clash)}, a node of the "
+                    f"enclosing graph: a tensor computed outside the recomputed function was "
+                    f"used inside it without being passed in; pass it as an argument")
+        _propagate(start, order, grad, retain_graph, capture, captured)
+    finally:
+        graphs.pop()
+
+
+def _propagate(start, order, grad, retain_graph, capture, captured) -> None:
     grads = {id(start): grad}
-    for node in reversed(_toposort(start)):
+    for node in reversed(order):
         g = grads.pop(id(node), None)
         if g is None:
             continue
         if not isinstance(node, Function):
+            if capture is not None and id(node) in capture:
+                captured[id(node)] = g
+                continue
             node._accumulate_grad(g)
             if _post_hooks:
-                for hook in _hooks_of(node):
-                    hook(node)
+                _run_hooks(node)
             continue
         in_grads = node.backward(g)
         if not isinstance(in_grads, tuple):
@@ -254,3 +321,74 @@ def _run_backward(root, grad, retain_graph: bool) -> None:
             grads[id(edge)] = accumulate(grads.get(id(edge)), pg)
         if not retain_graph:
             node.release()
+
+
+def _run_hooks(leaf) -> None:
+    hooks = _hooks_of(leaf)
+    if not hooks:
+        return
+    done = _mode.hooked
+    if id(leaf) in done:
+        # only a nested pass can get here (recompute of a plain callable): hooks promise the
+        # pass's final gradient, and data parallel would all-reduce a partial one
+        raise GradError(
+            f"{_describe(leaf)} got a second gradient accumulation in one backward pass, after "
+            f"its post-accumulate hooks (data parallel's all-reduce) already ran: a recomputed "
+            f"plain callable uses it and so does another path; recompute a Layer (or a bound "
+            f"method of one) so its parameters join the outer pass as inputs")
+    done.add(id(leaf))
+    for hook in hooks:
+        hook(leaf)
+
+
+_BOOKKEEPING = frozenset(("edges", "needs_grad", "out_shape"))
+
+
+def _is_array(v) -> bool:
+    return isinstance(v, np.ndarray) or hasattr(type(v), "__cuda_array_interface__")
+
+
+def _owner(a):
+    """The array whose memory `a` views (`a` itself when it owns its memory)."""
+    while _is_array(getattr(a, "base", None)):
+        a = a.base
+    return a
+
+
+def graph_stats(tensor) -> dict:
+    """What the graph behind `tensor` keeps alive, without running backward.
+
+    Returns {"nodes": Function nodes, "saved_arrays": distinct numpy/cupy arrays held in the
+    nodes' attributes (inside tuples and lists too; the edges, needs_grad and out_shape
+    bookkeeping excluded), "saved_bytes": their bytes, each memory block counted once however
+    many views of it are held}. Arrays that are a leaf's own data (parameters, inputs) are not
+    counted: they live as long as their tensors anyway. A freed graph (after backward) counts
+    its nodes and no arrays.
+
+        >>> graph_stats(loss)   # e.g. with and without recompute
+        {'nodes': 12, 'saved_arrays': 9, 'saved_bytes': 73728}
+    """
+    if tensor._ctx is None:
+        return {"nodes": 0, "saved_arrays": 0, "saved_bytes": 0}
+    nodes, seen, leaves, arrays = [], {id(tensor._ctx)}, set(), {}
+    stack = [tensor._ctx]
+    while stack:
+        node = stack.pop()
+        nodes.append(node)
+        for edge in getattr(node, "edges", ()):
+            if not isinstance(edge, Function):
+                leaves.add(id(edge.data))
+            elif id(edge) not in seen:
+                seen.add(id(edge))
+                stack.append(edge)
+    for node in nodes:
+        values = [v for k, v in vars(node).items() if k not in _BOOKKEEPING]
+        while values:
+            v = values.pop()
+            if isinstance(v, (tuple, list)):
+                values.extend(v)
+            elif _is_array(v) and id(v) not in leaves:
+                arrays[id(v)] = v
+    owners = {id(o): o for o in map(_owner, arrays.values())}
+    return {"nodes": len(nodes), "saved_arrays": len(arrays),
+            "saved_bytes": int(sum(o.nbytes for o in owners.values()))}

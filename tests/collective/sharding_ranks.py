@@ -81,12 +81,14 @@ def compare(configs: list, steps: int = 5, batch: int = 12, hybrid_degree: int =
         _train(sh, opt, r, w, steps, batch)
         names = {id(p): n for n, p in sh._layers.named_parameters()}
         sd = opt.state_dict()
-        out = {"dp": _state(dp), "sh": _state(sh), "owned": sorted(names[id(p)] for p in sh.owned_parameters()),
+        out = {"dp": _state(dp), "sh": _state(sh),
+               "owned": sorted(names[id(p)] for p in sh.owned_parameters()),
                "state_params": sorted(names[id(opt.inner._params[int(k.split('.')[0])])]
                                       for k in sd["state"] if k.endswith(".step")),
                "buckets": len(sh._buckets)}
         opt.set_state_dict(sd)   # the same layout loads
-        bad = dict(sd, sharding=dict(sd["sharding"], sharding_rank=1 - sd["sharding"]["sharding_rank"]))
+        layout = sd["sharding"]
+        bad = dict(sd, sharding=dict(layout, sharding_rank=1 - layout["sharding_rank"]))
         try:
             opt.set_state_dict(bad)
             out["bad_load"] = "loaded"
@@ -113,6 +115,43 @@ def merged(stage: int, k: int = 2, steps: int = 3, batch: int = 8) -> dict:
     opt = TransformedOptimizer(inner.bind(sh), [gradient_merge(k)], model=sh)
     seqs = _train(sh, opt, r, w, steps, batch, micro=k)
     out = {"dp": _state(dp), "sh": _state(sh), "seqs": seqs}
+    dist.destroy_process_group()
+    return out
+
+
+def accumulated(stage: int, steps: int = 3, batch: int = 8) -> dict:
+    """Two micro-batches an update, the first inside no_sync(): DataParallel and sharded."""
+    import shoal
+    import shoal.collective as dist
+    import shoal.nn.functional as F
+    dist.init_parallel_env(timeout=60)
+    r, w = dist.get_rank(), dist.get_world_size()
+    out = {}
+    for kind in ("dp", "sh"):
+        if kind == "dp":
+            model = dist.DataParallel(build(seed=r))
+            opt = shoal.optimizer.Adam(0.01, parameters=model.parameters())
+        else:
+            model = dist.ShardedDataParallel(build(seed=r), stage=stage,
+                                             fuse_grad_size_in_MB=0.0003)
+            opt = dist.ShardingOptimizer(shoal.optimizer.Adam(0.01, parameters=model.parameters()),
+                                         model)
+        per, seqs = batch // w // 2, []
+        for s in range(steps):
+            x, y = data(s, batch)
+            for m in range(2):
+                lo = (r * 2 + m) * per
+                xs, ys = shoal.to_tensor(x[lo:lo + per]), shoal.to_tensor(y[lo:lo + per])
+                before = model._group._seq
+                if m == 0:
+                    with model.no_sync():
+                        F.mse_loss(model(xs), ys).backward()
+                else:
+                    F.mse_loss(model(xs), ys).backward()
+                seqs.append(model._group._seq - before)
+            opt.step()
+            opt.clear_grad()
+        out[kind], out[kind + "_seqs"] = _state(model), seqs
     dist.destroy_process_group()
     return out
 
@@ -147,7 +186,7 @@ def memory(steps: int = 3, layers: int = 12, width: int = 24) -> dict:
                  for p in model.parameters()]
         rng = np.random.default_rng(r)
         for step in range(steps):
-            if step == 1:   # the first step warms up: the launch order is learned, Adam's state made
+            if step == 1:   # step 0 warms up: the launch order is learned, Adam's state made
                 samples.clear()
             x = shoal.to_tensor(rng.normal(size=(4, width)).astype(np.float32))
             F.mse_loss(model(x), shoal.to_tensor(np.zeros((4, width), np.float32))).backward()
@@ -190,5 +229,8 @@ def bad_inputs() -> dict:
         dist.ShardedDataParallel.from_config(build(seed=0), ShardingConfig(sharding_degree=1))
     except dist.InvalidArgumentError as e:
         out["no_hybrid"] = str(e)
+    built = dist.ShardedDataParallel.from_config(build(seed=0), ShardingConfig(sharding_degree=2,
+                                                                               stage=2))
+    out["from_config"] = (built.stage, built._group.size, built._dp is None)
     dist.destroy_process_group()
     return out

@@ -79,6 +79,13 @@ def test_gradient_merge_around_sharding_equals_merged_data_parallel(stage):
         assert out["seqs"][0::2] == [0, 0, 0] and all(n > 0 for n in out["seqs"][1::2])
 
 
+@pytest.mark.parametrize("stage", [1, 2])
+def test_no_sync_accumulates_locally_and_the_next_backward_reduces_it(stage):
+    for out in spawn(sharding_ranks.accumulated, (stage,), nprocs=2, timeout=180):
+        _same(out["sh"], out["dp"])
+        assert out["sh_seqs"][0::2] == [0, 0, 0] and all(n > 0 for n in out["sh_seqs"][1::2])
+
+
 def test_stage2_holds_well_under_data_parallel_gradient_and_state_memory():
     r0, r1 = spawn(sharding_ranks.memory, nprocs=2, timeout=180)
     for out in (r0, r1):
@@ -95,6 +102,7 @@ def test_bad_inputs_raise_typed_errors_with_the_fix():
         assert "not the model's" in out["foreign"]
         assert "bind(" in out["unbound"]
         assert "hybrid_dp=True" in out["no_hybrid"]
+        assert out["from_config"] == (2, 2, True)
 
 
 def test_bad_inputs_that_fail_before_any_communication():

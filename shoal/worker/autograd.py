@@ -3,7 +3,9 @@
 A `Function` is one differentiable op: `forward(ctx, *arrays, **attrs)` returns
 the output array and saves on `ctx` what `backward(ctx, grad)` needs;
 `backward` returns one gradient (or None) per tensor input. `backward()` is a
-topological sort of the graph plus the chain rule.
+topological sort of the graph plus the chain rule. A Function's backward may run a nested
+pass that joins the running one (`run_nested_backward`, used by recompute); `graph_stats`
+tells what a graph keeps alive.
 """
 from __future__ import annotations
 

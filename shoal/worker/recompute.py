@@ -305,10 +305,12 @@ def apply_recompute(model: Layer, checkpoints: list[str]) -> Layer:
     Idempotent: a layer already recomputed is left as it is, so applying the same list twice
     changes nothing. A deepcopy of the model keeps the recomputation (on the copy's layers).
 
-        >>> apply_recompute(model, [n for n, _ in model.named_sublayers() if n.startswith("blocks.")])
+        >>> blocks = [n for n, _ in model.named_sublayers() if n.startswith("blocks.")]
+        >>> apply_recompute(model, blocks)
     """
     if not isinstance(model, Layer):
-        raise RecomputeError(f"apply_recompute(model): expected a Layer, got {type(model).__name__}")
+        raise RecomputeError(f"apply_recompute(model): expected a Layer, got "
+                             f"{type(model).__name__}")
     if isinstance(checkpoints, str):
         raise RecomputeError(f"apply_recompute(checkpoints={checkpoints!r}): give a list of "
                              f"names, e.g. [{checkpoints!r}]")

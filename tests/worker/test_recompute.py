@@ -66,7 +66,7 @@ def _train(checkpoints, steps=2, retain=False):
         opt.step()
         opt.clear_grad()
     params = {n: p.numpy() for n, p in model.named_parameters()}
-    return losses, grads, params, stats, get_backend().uniform((3,))
+    return losses, grads, params, stats, get_backend().to_numpy(get_backend().uniform((3,)))
 
 
 ALL = [f"blocks.{i}" for i in range(BLOCKS)]
@@ -78,7 +78,7 @@ def _assert_same(a: dict, b: dict):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-# -- equivalence -----------------------------------------------------------------------------------
+# -- equivalence ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("checkpoints", [ALL, ["blocks.1"], ["blocks", "blocks.0"]],
                          ids=["every-block", "one-block", "nested"])
 def test_recompute_gives_bit_identical_losses_and_gradients(checkpoints):
@@ -87,6 +87,20 @@ def test_recompute_gives_bit_identical_losses_and_gradients(checkpoints):
     _assert_same(plain[1], rec[1])
     _assert_same(plain[2], rec[2])
     # the recomputation leaves the random stream where the forward left it
+    np.testing.assert_array_equal(plain[4], rec[4])
+
+
+@pytest.mark.requires_gpu
+def test_on_cupy_the_generator_state_round_trips_and_dropout_replays():
+    shoal.set_device("gpu")
+    be = get_backend("cupy")
+    state = be.get_rng_state()
+    first = be.to_numpy(be.uniform((1000,)))
+    be.set_rng_state(state)
+    np.testing.assert_array_equal(be.to_numpy(be.uniform((1000,))), first)
+    plain, rec = _train([]), _train(ALL)
+    assert plain[0] == rec[0]
+    _assert_same(plain[1], rec[1])
     np.testing.assert_array_equal(plain[4], rec[4])
 
 
@@ -177,7 +191,7 @@ def test_graph_stats_of_a_leaf_a_single_op_and_a_freed_graph():
     assert graph_stats(y)["saved_arrays"] == 0
 
 
-# -- shapes of use ----------------------------------------------------------------------------------
+# -- shapes of use --------------------------------------------------------------------------------
 def test_tuple_outputs_and_inputs_without_grad():
     calls = []
 
@@ -241,7 +255,7 @@ def test_an_identity_segment_and_a_bound_method():
     assert block.fc1.weight.grad is not None
 
 
-# -- failures ---------------------------------------------------------------------------------------
+# -- failures -------------------------------------------------------------------------------------
 def test_an_exception_in_the_recomputed_forward_leaves_the_graph_usable():
     shoal.seed(0)
     model = Net()
@@ -307,7 +321,7 @@ def test_bad_arguments():
         autograd.run_nested_backward([], [], [])
 
 
-# -- nested passes: hooks and callbacks --------------------------------------------------------------
+# -- nested passes: hooks and callbacks -----------------------------------------------------------
 def test_hooks_and_callbacks_join_the_outer_pass():
     shoal.seed(0)
     block = Block(p=0.0)
@@ -382,7 +396,7 @@ def test_forward_state_is_reinstated_during_recomputation():
         register_forward_state(None)
 
 
-# -- apply_recompute ----------------------------------------------------------------------------------
+# -- apply_recompute ------------------------------------------------------------------------------
 def test_an_unknown_checkpoint_name_changes_nothing_and_suggests():
     model = Net()
     with pytest.raises(UnknownCheckpointError, match=r"close matches: \['blocks.1'") as info:

@@ -14,6 +14,10 @@ ext_modules = [
     # Paddle's MultiSlot text format: the parser (threads, GIL released) and writer of worker/data.
     Pybind11Extension("shoal.worker.data._multislot", ["csrc/multislot.cpp"], cxx_std=17,
                       extra_compile_args=["-O3", "-pthread"], extra_link_args=["-pthread"]),
+    # Collectives through POSIX shared memory for the ranks of a group on one host (the gloo
+    # group uses it instead of TCP loopback): only shm/mmap, futexes and C++17 atomics.
+    Pybind11Extension("shoal.collective._shm", ["csrc/shm.cpp"], cxx_std=17,
+                      extra_compile_args=["-O3"], libraries=["rt"]),
 ]
 
 # The Gloo binding (collectives) links the system's libgloo (Debian: apt-get install libgloo-dev,

@@ -3,11 +3,16 @@
 Arrays are numpy; a cupy array or a non-contiguous one is copied to a contiguous host array
 and the result copied back. Gloo writes straight into the array's memory with the GIL released,
 so the caller must not touch it until the operation is done (a Task's `wait()`).
+
+When every rank of the group runs on this host, all_reduce goes through one shared-memory
+segment instead (`_shm_group`, csrc/shm.cpp: no sockets, no Python in the loop); every other
+operation stays on Gloo. `SHOAL_SHM=0` in the environment keeps everything on Gloo.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from shoal.collective import _shm_group
 from shoal.collective._group import ProcessGroup, register_backend
 from shoal.collective.errors import BackendUnavailableError, RendezvousError
 
@@ -27,7 +32,8 @@ def _binding():
 
 class GlooGroup(ProcessGroup):
     """Gloo over TCP; every socket binds `host`. Collectives of 256 KiB and more use the ring
-    all-reduce, smaller ones bcube (the binding picks)."""
+    all-reduce, smaller ones bcube (the binding picks). A group whose ranks share this host
+    all-reduces through shared memory (`uses_shm`; `shm_ops` counts those operations)."""
 
     name = "gloo"
 
@@ -41,6 +47,23 @@ class GlooGroup(ProcessGroup):
                 f"gloo rendezvous of ranks {self.ranks} failed on rank {ranks[rank]} after up to "
                 f"{timeout:g}s: {e}; are all ranks started, with the same store and generation?"
             ) from e
+        self._shm = None
+        if self.size > 1:
+            try:
+                self._shm = _shm_group.open_segment(store, rank, self.size, timeout)
+            except BaseException:
+                self._ctx.close()
+                raise
+
+    @property
+    def uses_shm(self) -> bool:
+        """Whether all_reduce goes through the group's shared-memory segment."""
+        return self._shm is not None and not self._shm.closed
+
+    @property
+    def shm_ops(self) -> int:
+        """How many all_reduce operations went through shared memory so far."""
+        return 0 if self._shm is None else self._shm.ops
 
     def _to_native(self, array):
         if isinstance(array, np.ndarray):
@@ -59,7 +82,10 @@ class GlooGroup(ProcessGroup):
         return native, back
 
     def _all_reduce(self, arr, op):
-        self._ctx.allreduce(arr, op)
+        if self._shm is not None and isinstance(arr, np.ndarray):  # _to_native: contiguous
+            self._shm.all_reduce(arr, op, int(self.timeout * 1000))
+        else:
+            self._ctx.allreduce(arr, op)
 
     def _broadcast(self, arr, root):
         self._ctx.broadcast(arr, root)
@@ -89,9 +115,16 @@ class GlooGroup(ProcessGroup):
         self._ctx.recv(arr, src, tag)
 
     def _close(self):
+        if self._shm is not None:
+            self._shm.close()
         self._ctx.close()
 
     def _failure_kind(self, error):
+        shm = _shm_group.binding() if self._shm is not None else None
+        if shm is not None and isinstance(error, shm.ShmError):
+            if isinstance(error, shm.ShmTimeoutError):
+                return "timeout"
+            return "peer" if isinstance(error, shm.ShmPeerError) else "other"
         g = self._gloo
         if isinstance(error, g.GlooTimeoutError):
             return "timeout"

@@ -1,0 +1,474 @@
+// shoal.collective._shm: collectives through one POSIX shared-memory segment, for the ranks of
+// a process group that all run on one host (the gloo group uses it instead of TCP loopback).
+//
+// Layout of a segment of `world` ranks and chunk size C:
+//   Header (64 B) | world x Line (64 B each: this rank's arrival counter, the count of ranks
+//   sleeping on it, its pid, a descriptor of the operation it is in) | padding to 4 KiB |
+//   2 sets x world slots of C bytes (double buffered: set = chunk number % 2).
+//
+// all_reduce, per chunk of at most C bytes: copy the chunk into this rank's slot; arrive and
+// wait for every rank (all slots filled); reduce this rank's partition (1/world of the chunk,
+// 64-byte aligned) across every slot, in rank order, into this rank's slot; arrive and wait
+// (every partition reduced); copy every partition's result out of its owner's slot. The next
+// chunk uses the other set of slots, so no third barrier is needed: a rank writes a set again
+// only after it saw every peer arrive at the first barrier of the chunk in between, which each
+// peer reaches after it finished copying out of that set.
+//
+// Arrival = a release store of the next epoch into this rank's counter (+ a futex wake when a
+// peer sleeps on it). Waiting = spin with pause, then sched_yield, then futex waits of at most
+// 2 ms, each followed by a check of the deadline (ShmTimeoutError) and of the awaited peer's
+// pid (ShmPeerError when it is gone or a zombie). The caller releases the GIL for the whole
+// operation. A failed operation leaves the segment's epochs out of step: the group is broken
+// after it (the Python side enforces it) and must not use the segment again.
+
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <fcntl.h>
+#include <linux/futex.h>
+#include <sched.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <climits>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define SHOAL_PAUSE() _mm_pause()
+#else
+#define SHOAL_PAUSE() std::atomic_signal_fence(std::memory_order_seq_cst)
+#endif
+
+namespace py = pybind11;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr uint64_t kMagic = 0x73686f616c73686dULL;  // "shoalshm"
+constexpr size_t kLine = 64;
+constexpr int kSpins = 2000;    // ~20-80 us of pause: a peer running on another core arrives
+constexpr int kYields = 8;      // then give the core to this rank's own compute thread
+constexpr size_t kTile = 16 << 10;  // bytes reduced per step of a partition (fits L1)
+constexpr long kSleepNs = 2'000'000;  // futex waits of at most 2 ms between deadline checks
+
+struct ShmError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct ShmTimeout : ShmError { using ShmError::ShmError; };
+struct ShmPeerFailed : ShmError { using ShmError::ShmError; };
+struct ShmMismatch : ShmError { using ShmError::ShmError; };
+
+struct Header {
+    uint64_t magic;
+    uint32_t world;
+    uint32_t pad0;
+    uint64_t chunk_bytes;
+    uint64_t total_bytes;
+    char pad[kLine - 32];
+};
+static_assert(sizeof(Header) == kLine);
+
+struct Line {
+    std::atomic<uint32_t> seq;      // the last epoch this rank arrived at (a futex word)
+    std::atomic<uint32_t> waiters;  // ranks sleeping in a futex wait on `seq`
+    std::atomic<int32_t> pid;
+    uint32_t op_code;               // the operation this rank is in: kind, dtype, reduce op
+    uint64_t op_bytes;              // and its size
+    char pad[kLine - 24];
+};
+static_assert(sizeof(Line) == kLine);
+static_assert(std::atomic<uint32_t>::is_always_lock_free);
+
+long futex(std::atomic<uint32_t>* addr, int op, uint32_t val, const timespec* ts) {
+    // not FUTEX_PRIVATE: the word is shared between processes
+    return syscall(SYS_futex, reinterpret_cast<uint32_t*>(addr), op, val, ts, nullptr, 0);
+}
+
+bool reached(uint32_t value, uint32_t target) { return static_cast<int32_t>(value - target) >= 0; }
+
+// True while `pid` names a live process (a zombie is dead: its parent has not reaped it yet).
+bool alive(int32_t pid) {
+    if (pid <= 0) return true;  // not attached yet: nothing to say
+    if (kill(pid, 0) != 0 && errno == ESRCH) return false;
+    std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+    std::string s((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+    auto close = s.rfind(')');
+    if (close == std::string::npos || close + 2 >= s.size()) return true;
+    char state = s[close + 2];
+    return state != 'Z' && state != 'X';
+}
+
+// ---------------------------------------------------------------- dtypes and reductions
+
+enum class DType : uint32_t { F16, F32, F64, I8, U8, I32, I64 };
+enum class Op : uint32_t { Sum, Max, Min, Prod };
+enum class Kind : uint32_t { AllReduce = 1 };
+
+const char* kDtypes = "float16, float32, float64, int8, uint8, int32, int64";
+
+template <Op op, typename T>
+inline T apply(T a, T b) {
+    if constexpr (std::is_integral_v<T>) {
+        using U = std::make_unsigned_t<T>;  // wrap around like numpy (signed overflow is UB)
+        if constexpr (op == Op::Sum) return static_cast<T>(static_cast<U>(static_cast<U>(a) + static_cast<U>(b)));
+        if constexpr (op == Op::Prod) return static_cast<T>(static_cast<U>(static_cast<U>(a) * static_cast<U>(b)));
+        if constexpr (op == Op::Max) return a < b ? b : a;
+        if constexpr (op == Op::Min) return b < a ? b : a;
+    } else {
+        if constexpr (op == Op::Sum) return a + b;
+        if constexpr (op == Op::Prod) return a * b;
+        // NaN propagates, as in np.maximum / np.minimum
+        if constexpr (op == Op::Max) return (b > a || b != b) ? b : a;
+        if constexpr (op == Op::Min) return (b < a || b != b) ? b : a;
+    }
+}
+
+// d[i] = a[i] op b[i] (acc: d[i] = d[i] op b[i]) over distinct buffers, so the loops vectorize.
+template <Op op, typename T>
+void kernel3(void* __restrict d_, const void* __restrict a_, const void* __restrict b_, size_t n) {
+    if constexpr (std::is_same_v<T, uint16_t>) {  // float16: each step in float, rounded to half
+        auto* __restrict d = static_cast<_Float16*>(d_);
+        const auto* __restrict a = static_cast<const _Float16*>(a_);
+        const auto* __restrict b = static_cast<const _Float16*>(b_);
+        for (size_t i = 0; i < n; i++)
+            d[i] = static_cast<_Float16>(apply<op, float>(static_cast<float>(a[i]), static_cast<float>(b[i])));
+    } else {
+        T* __restrict d = static_cast<T*>(d_);
+        const T* __restrict a = static_cast<const T*>(a_);
+        const T* __restrict b = static_cast<const T*>(b_);
+        for (size_t i = 0; i < n; i++) d[i] = apply<op>(a[i], b[i]);
+    }
+}
+
+template <Op op, typename T>
+void kernel_acc(void* __restrict d_, const void* __restrict b_, size_t n) {
+    if constexpr (std::is_same_v<T, uint16_t>) {
+        auto* __restrict d = static_cast<_Float16*>(d_);
+        const auto* __restrict b = static_cast<const _Float16*>(b_);
+        for (size_t i = 0; i < n; i++)
+            d[i] = static_cast<_Float16>(apply<op, float>(static_cast<float>(d[i]), static_cast<float>(b[i])));
+    } else {
+        T* __restrict d = static_cast<T*>(d_);
+        const T* __restrict b = static_cast<const T*>(b_);
+        for (size_t i = 0; i < n; i++) d[i] = apply<op>(d[i], b[i]);
+    }
+}
+
+struct Kernels {
+    void (*three)(void*, const void*, const void*, size_t);
+    void (*acc)(void*, const void*, size_t);
+};
+
+template <typename T>
+Kernels kernels_for(Op op) {
+    switch (op) {
+        case Op::Sum: return {&kernel3<Op::Sum, T>, &kernel_acc<Op::Sum, T>};
+        case Op::Max: return {&kernel3<Op::Max, T>, &kernel_acc<Op::Max, T>};
+        case Op::Min: return {&kernel3<Op::Min, T>, &kernel_acc<Op::Min, T>};
+        case Op::Prod: return {&kernel3<Op::Prod, T>, &kernel_acc<Op::Prod, T>};
+    }
+    return {nullptr, nullptr};
+}
+
+Kernels kernels_for(DType dt, Op op) {
+    switch (dt) {
+        case DType::F16: return kernels_for<uint16_t>(op);
+        case DType::F32: return kernels_for<float>(op);
+        case DType::F64: return kernels_for<double>(op);
+        case DType::I8: return kernels_for<int8_t>(op);
+        case DType::U8: return kernels_for<uint8_t>(op);
+        case DType::I32: return kernels_for<int32_t>(op);
+        case DType::I64: return kernels_for<int64_t>(op);
+    }
+    return {nullptr, nullptr};
+}
+
+Op parse_op(const std::string& op) {
+    if (op == "sum") return Op::Sum;
+    if (op == "max") return Op::Max;
+    if (op == "min") return Op::Min;
+    if (op == "prod") return Op::Prod;
+    throw py::value_error("all_reduce: unknown op '" + op + "'; expected one of: sum, max, min, prod");
+}
+
+DType parse_dtype(const py::array& a) {
+    py::dtype dt = a.dtype();
+    const char kind = dt.kind(), order = dt.byteorder();
+    const auto size = dt.itemsize();
+    if (order == '=' || order == '|') {
+        if (kind == 'f' && size == 2) return DType::F16;
+        if (kind == 'f' && size == 4) return DType::F32;
+        if (kind == 'f' && size == 8) return DType::F64;
+        if (kind == 'i' && size == 1) return DType::I8;
+        if (kind == 'u' && size == 1) return DType::U8;
+        if (kind == 'i' && size == 4) return DType::I32;
+        if (kind == 'i' && size == 8) return DType::I64;
+    }
+    throw py::type_error("all_reduce: dtype " + std::string(py::str(dt)) + " is not supported; use one of " + kDtypes);
+}
+
+// ---------------------------------------------------------------- the segment
+
+class Segment {
+public:
+    // rank 0 creates (O_EXCL: a name is never reused), the others attach; every rank then
+    // writes its pid. Throws OSError (errno) or ValueError (a segment of another shape).
+    Segment(const std::string& name, int rank, int world, size_t chunk_bytes, bool create)
+        : name_(name), rank_(rank), world_(world), chunk_(chunk_bytes) {
+        if (world < 1 || rank < 0 || rank >= world)
+            throw py::value_error("shm segment: rank " + std::to_string(rank) + " is not in a world of " + std::to_string(world));
+        if (chunk_bytes < 4096 || chunk_bytes % 4096)
+            throw py::value_error("shm segment: chunk_bytes=" + std::to_string(chunk_bytes) + " must be a positive multiple of 4096");
+        data_off_ = (sizeof(Header) + world * sizeof(Line) + 4095) / 4096 * 4096;
+        total_ = data_off_ + 2 * world * chunk_;
+        int fd = create ? shm_open(name.c_str(), O_RDWR | O_CREAT | O_EXCL, 0600)
+                        : shm_open(name.c_str(), O_RDWR, 0);
+        if (fd < 0) throw_errno();
+        if (create && ftruncate(fd, static_cast<off_t>(total_)) != 0) {
+            int e = errno;
+            ::close(fd);
+            shm_unlink(name.c_str());
+            errno = e;
+            throw_errno();
+        }
+        struct stat st {};
+        if (fstat(fd, &st) != 0 || static_cast<size_t>(st.st_size) != total_) {
+            ::close(fd);
+            throw py::value_error("shm segment " + name + " holds " + std::to_string(st.st_size) + " bytes, expected " +
+                                  std::to_string(total_) + " (a segment of another group or world size)");
+        }
+        void* p = mmap(nullptr, total_, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        ::close(fd);
+        if (p == MAP_FAILED) throw_errno();
+        base_ = static_cast<char*>(p);
+        auto* h = header();
+        if (create) {
+            h->world = static_cast<uint32_t>(world);
+            h->chunk_bytes = chunk_;
+            h->total_bytes = total_;
+            std::atomic_thread_fence(std::memory_order_release);
+            reinterpret_cast<std::atomic<uint64_t>*>(&h->magic)->store(kMagic, std::memory_order_release);
+        } else if (reinterpret_cast<std::atomic<uint64_t>*>(&h->magic)->load(std::memory_order_acquire) != kMagic ||
+                   h->world != static_cast<uint32_t>(world) || h->chunk_bytes != chunk_) {
+            unmap();
+            throw py::value_error("shm segment " + name + " was made for another world or chunk size");
+        }
+        line(rank_)->pid.store(static_cast<int32_t>(getpid()), std::memory_order_release);
+    }
+
+    ~Segment() { unmap(); }
+
+    void close() { unmap(); }
+
+    // Reduce `array` (C-contiguous, writable) over the ranks in place. Blocks with the GIL
+    // released until every rank has done the same call, or raises ShmTimeoutError after
+    // timeout_ms, ShmPeerError when a peer's process is gone, ShmMismatchError when a peer
+    // called it with another size, dtype or op.
+    void all_reduce(py::object obj, const std::string& opname, int64_t timeout_ms) {
+        if (!base_) throw py::value_error("all_reduce: the shm segment " + name_ + " is closed");
+        if (!py::isinstance<py::array>(obj))
+            throw py::type_error("all_reduce: expected a numpy.ndarray, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+        auto array = py::reinterpret_borrow<py::array>(obj);
+        if (!(array.flags() & py::array::c_style) || !array.writeable())
+            throw py::value_error("all_reduce: the array must be C-contiguous and writable");
+        const DType dt = parse_dtype(array);
+        const Op op = parse_op(opname);
+        const size_t item = static_cast<size_t>(array.itemsize());
+        const size_t nbytes = static_cast<size_t>(array.nbytes());
+        char* buf = static_cast<char*>(array.mutable_data());
+        const Kernels k = kernels_for(dt, op);
+        const uint32_t code = (static_cast<uint32_t>(Kind::AllReduce) << 16) | (static_cast<uint32_t>(dt) << 8) |
+                              static_cast<uint32_t>(op);
+        py::gil_scoped_release nogil;
+        const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+        describe(code, nbytes);
+        const size_t align = kLine / item;  // partition boundaries on cache lines
+        size_t done = 0;
+        bool first = true;
+        do {
+            const size_t bytes = std::min(chunk_, nbytes - done);
+            const size_t n = bytes / item;
+            const int set = static_cast<int>(chunks_++ & 1);
+            std::memcpy(slot(set, rank_), buf + done, bytes);
+            arrive();
+            wait_all(deadline, "the chunk's data");
+            if (first) {
+                check_peers(code, nbytes, "all_reduce");
+                first = false;
+            }
+            const size_t units = (n + align - 1) / align;
+            const size_t lo = std::min(n, units * rank_ / world_ * align);
+            const size_t hi = std::min(n, units * (rank_ + 1) / world_ * align);
+            if (world_ > 1) reduce_partition(k, set, lo * item, (hi - lo) * item, item);
+            arrive();
+            wait_all(deadline, "the reduced partitions");
+            for (int r = 0; r < world_; r++) {
+                const size_t a = std::min(n, units * r / world_ * align);
+                const size_t b = std::min(n, units * (r + 1) / world_ * align);
+                if (b > a) std::memcpy(buf + done + a * item, slot(set, r) + a * item, (b - a) * item);
+            }
+            done += bytes;
+        } while (done < nbytes);
+        ops_++;
+    }
+
+    int pid(int rank) const {
+        if (!base_ || rank < 0 || rank >= world_) throw py::index_error("pid: no rank " + std::to_string(rank));
+        return line(rank)->pid.load(std::memory_order_acquire);
+    }
+
+    const std::string& name() const { return name_; }
+    size_t chunk_bytes() const { return chunk_; }
+    size_t total_bytes() const { return total_; }
+    uint64_t ops() const { return ops_; }
+    bool closed() const { return base_ == nullptr; }
+
+private:
+    Header* header() const { return reinterpret_cast<Header*>(base_); }
+    Line* line(int r) const { return reinterpret_cast<Line*>(base_ + sizeof(Header)) + r; }
+    char* slot(int set, int r) const { return base_ + data_off_ + (static_cast<size_t>(set) * world_ + r) * chunk_; }
+
+    // Reduce bytes [off, off + len) of every slot of `set`, in rank order like a sequential
+    // numpy reduction (a0 op a1 op a2 ...), into this rank's slot: tile by tile through a
+    // buffer that stays in L1, so no loop writes a slot it also reads.
+    void reduce_partition(const Kernels& k, int set, size_t off, size_t len, size_t item) {
+        alignas(64) static thread_local char tile[kTile];
+        char* mine = slot(set, rank_) + off;
+        for (size_t t = 0; t < len; t += kTile) {
+            const size_t bytes = std::min(kTile, len - t), n = bytes / item;
+            k.three(tile, slot(set, 0) + off + t, slot(set, 1) + off + t, n);
+            for (int r = 2; r < world_; r++) k.acc(tile, slot(set, r) + off + t, n);
+            std::memcpy(mine + t, tile, bytes);
+        }
+    }
+
+    void describe(uint32_t code, uint64_t nbytes) {
+        Line* me = line(rank_);
+        me->op_code = code;
+        me->op_bytes = nbytes;  // published by the release store of the next arrival
+    }
+
+    void check_peers(uint32_t code, uint64_t nbytes, const char* op) {
+        for (int r = 0; r < world_; r++) {
+            const Line* l = line(r);
+            if (l->op_code != code || l->op_bytes != nbytes) {
+                throw ShmMismatch(std::string(op) + " on rank " + std::to_string(rank_) + " (" + std::to_string(nbytes) +
+                                  " bytes, code " + std::to_string(code) + ") met rank " + std::to_string(r) + " of the group in another call (" +
+                                  std::to_string(l->op_bytes) + " bytes, code " + std::to_string(l->op_code) +
+                                  "): every rank must pass the same size, dtype and op");
+            }
+        }
+    }
+
+    void arrive() {
+        Line* me = line(rank_);
+        me->seq.store(++epoch_, std::memory_order_seq_cst);
+        if (me->waiters.load(std::memory_order_seq_cst) != 0) futex(&me->seq, FUTEX_WAKE, INT_MAX, nullptr);
+    }
+
+    void wait_all(Clock::time_point deadline, const char* what) {
+        for (int r = 0; r < world_; r++)
+            if (r != rank_) wait_for(r, deadline, what);
+    }
+
+    void wait_for(int r, Clock::time_point deadline, const char* what) {
+        Line* l = line(r);
+        const uint32_t target = epoch_;
+        for (int i = 0; i < kSpins; i++) {
+            if (reached(l->seq.load(std::memory_order_acquire), target)) return;
+            SHOAL_PAUSE();
+        }
+        for (int i = 0; i < kYields; i++) {
+            if (reached(l->seq.load(std::memory_order_acquire), target)) return;
+            sched_yield();
+        }
+        const timespec ts{0, kSleepNs};
+        while (true) {
+            l->waiters.fetch_add(1, std::memory_order_seq_cst);
+            uint32_t v = l->seq.load(std::memory_order_seq_cst);
+            if (!reached(v, target)) futex(&l->seq, FUTEX_WAIT, v, &ts);
+            l->waiters.fetch_sub(1, std::memory_order_seq_cst);
+            if (reached(l->seq.load(std::memory_order_acquire), target)) return;
+            if (!alive(l->pid.load(std::memory_order_acquire))) {
+                throw ShmPeerFailed("rank " + std::to_string(r) + " of the shm group (pid " + std::to_string(l->pid.load()) +
+                                    ") exited while rank " + std::to_string(rank_) + " waited for " + what);
+            }
+            if (Clock::now() > deadline) {
+                throw ShmTimeout("rank " + std::to_string(rank_) + " waited for rank " + std::to_string(r) + " of the shm group (" +
+                                 what + ") past the deadline");
+            }
+        }
+    }
+
+    // OSError(errno, strerror, name) with the GIL held (the constructor runs under it)
+    [[noreturn]] void throw_errno() {
+        PyErr_SetFromErrnoWithFilename(PyExc_OSError, name_.c_str());
+        throw py::error_already_set();
+    }
+
+    void unmap() {
+        if (base_) {
+            munmap(base_, total_);
+            base_ = nullptr;
+        }
+    }
+
+    std::string name_;
+    int rank_, world_;
+    size_t chunk_, data_off_ = 0, total_ = 0;
+    char* base_ = nullptr;
+    uint32_t epoch_ = 0;   // arrivals so far; every rank counts the same sequence
+    uint64_t chunks_ = 0;  // chunks so far: which set of slots is next
+    uint64_t ops_ = 0;
+};
+
+}  // namespace
+
+PYBIND11_MODULE(_shm, m) {
+    m.doc() = R"doc(Collectives through one POSIX shared-memory segment, for ranks on one host.
+
+Segment(name, rank, world, chunk_bytes, create) creates (rank 0, create=True, O_EXCL) or
+attaches to the segment `name` (a /dev/shm name, starting with '/'). Segment.all_reduce(array,
+op, timeout_ms) reduces a C-contiguous writable numpy array (float16/32/64, int8, uint8, int32,
+int64; op sum, max, min or prod) in place over the ranks, with the GIL released, chunk by chunk.
+One operation at a time per segment (the caller's issuing thread); after a ShmError the segment
+is out of step and must not be used again. unlink_segment(name) removes the name (the memory
+lives on while mapped).)doc";
+    // translators run newest first: the subclasses are registered after their base
+    auto& base = py::register_exception<ShmError>(m, "ShmError", PyExc_RuntimeError);
+    py::register_exception<ShmTimeout>(m, "ShmTimeoutError", base.ptr());
+    py::register_exception<ShmPeerFailed>(m, "ShmPeerError", base.ptr());
+    py::register_exception<ShmMismatch>(m, "ShmMismatchError", base.ptr());
+
+    py::class_<Segment>(m, "Segment")
+        .def(py::init<const std::string&, int, int, size_t, bool>(), py::arg("name"), py::arg("rank"),
+             py::arg("world"), py::arg("chunk_bytes"), py::arg("create"))
+        .def("all_reduce", &Segment::all_reduce, py::arg("array"), py::arg("op") = "sum",
+             py::arg("timeout_ms") = 30000)
+        .def("pid", &Segment::pid, py::arg("rank"))
+        .def("close", &Segment::close)
+        .def_property_readonly("name", &Segment::name)
+        .def_property_readonly("chunk_bytes", &Segment::chunk_bytes)
+        .def_property_readonly("total_bytes", &Segment::total_bytes)
+        .def_property_readonly("ops", &Segment::ops)
+        .def_property_readonly("closed", &Segment::closed);
+
+    m.def("unlink_segment", [](const std::string& name) {
+        if (shm_unlink(name.c_str()) != 0 && errno != ENOENT) {
+            PyErr_SetFromErrnoWithFilename(PyExc_OSError, name.c_str());
+            throw py::error_already_set();
+        }
+    }, py::arg("name"), "Remove the segment's name (ENOENT is not an error); mappings stay valid.");
+}

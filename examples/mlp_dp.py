@@ -93,8 +93,9 @@ def build(args, world: int):
     else:
         model = MLP(args.hidden)
     model = fleet.distributed_model(model)
-    if s.lars:   # LARS replaces a Momentum optimizer
-        opt = shoal.optimizer.Momentum(args.lr * 30, momentum=0.9, parameters=model.parameters())
+    if s.lars:   # LARS replaces a Momentum optimizer; its trust ratio (lars_coeff 0.001 times
+        # |w| / |g|) scales each step down, so LARS recipes give it a large base rate
+        opt = shoal.optimizer.Momentum(args.lr * 1000, momentum=0.9, parameters=model.parameters())
     else:
         opt = shoal.optimizer.Adam(args.lr, parameters=model.parameters())
     return model, fleet.distributed_optimizer(opt)
@@ -106,9 +107,11 @@ def global_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
     mine = slice(rank, None, world)
     if hasattr(model, "eval_batch"):   # a pipeline: every stage gets the last one's outputs
         n = model.micro_batch_size * model.accumulate_steps
-        mine = slice(0, len(x) // n * n) if rank == 0 else slice(0, 0)
+        mine = slice(0, len(x) // n * n)
         pred = np.concatenate([model.eval_batch(x[i:i + n], compute_loss=False).argmax(axis=1)
-                               for i in range(0, mine.stop, n)] or [np.zeros(0, np.int64)])
+                               for i in range(0, mine.stop, n)])
+        if rank:   # the stages of one pipeline hold the same predictions: count them once
+            mine, pred = slice(0, 0), pred[:0]
     else:
         model.eval()
         with shoal.no_grad():
@@ -120,7 +123,8 @@ def global_accuracy(model, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def run(argv=None) -> dict:
-    """Train and evaluate; returns {"accuracy", "loss", "params"} (params: name -> numpy array)."""
+    """Train and evaluate; returns {"accuracy", "loss", "params" (name -> numpy array), "model",
+    "optimizer" (the class names fleet's wrappers ended with)}."""
     args = parse_args(argv)
     strategy = DistributedStrategy.load(args.strategy) if args.strategy else None
     fleet.init(is_collective=True, strategy=strategy)
@@ -169,7 +173,8 @@ def run(argv=None) -> dict:
     fleet.stop_worker()
     if rank == 0:
         print(f"final accuracy: {accuracy:.2f}", flush=True)
-    return {"accuracy": accuracy, "loss": loss_avg, "params": params}
+    return {"accuracy": accuracy, "loss": loss_avg, "params": params,
+            "model": type(model).__name__, "optimizer": type(opt.inner).__name__}
 
 
 def main(argv=None) -> int:

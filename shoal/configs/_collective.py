@@ -32,10 +32,12 @@ class AmpConfig(ConfigModel):
 
 
 class RecomputeConfig(ConfigModel):
-    """Activation recomputation: keep only the checkpoints' outputs, recompute the rest in backward."""
+    """Activation recomputation: the named layers keep only their inputs and run forward again
+    in backward instead of storing their inner activations."""
 
-    checkpoints: list[str] = Field(default_factory=list, description="names of the layers whose "
-                                                                     "outputs are kept")
+    checkpoints: list[str] = Field(default_factory=list, description="names of the layers to "
+                                   "recompute (as model.named_sublayers() gives them); their "
+                                   "inputs are kept")
 
 
 class GradientMergeConfig(ConfigModel):

@@ -34,6 +34,7 @@ from typing import Callable, ContextManager
 
 from shoal.kernels import backend_of, default_backend
 from shoal.worker import autograd
+from shoal.worker.amp._autocast import capture_policy
 from shoal.worker.autograd import Function, enable_grad, is_grad_enabled, no_grad
 from shoal.worker.errors import GradError
 from shoal.worker.nn.layer import Layer
@@ -56,7 +57,7 @@ class UnknownCheckpointError(RecomputeError, KeyError):
 
 # thread-local modes that a recomputation must run under as the forward did (auto_cast, say):
 # each capture() is called at forward time and returns a reusable context manager
-_STATE_CAPTURES: list[Callable[[], ContextManager]] = []
+_STATE_CAPTURES: list[Callable[[], ContextManager]] = [capture_policy]
 
 
 def register_forward_state(capture: Callable[[], ContextManager]) -> None:

@@ -430,3 +430,24 @@ def test_a_forward_replaced_by_something_else_is_refused():
     object.__setattr__(model.head, "forward", lambda x: x)
     with pytest.raises(RecomputeError, match="replaced"):
         apply_recompute(model, ["head"])
+
+
+def test_a_segment_recomputed_outside_auto_cast_casts_as_its_forward_did():
+    import shoal.nn.functional as F
+    from shoal import amp
+
+    def run(checkpoint: bool):
+        shoal.seed(3)
+        model = nn.Sequential(nn.Sequential(nn.Linear(D, 8), nn.Tanh()), nn.Linear(8, 3))
+        if checkpoint:
+            apply_recompute(model, ["0"])
+        with amp.auto_cast(level="O1"):
+            out = model(_x())
+            loss = F.mse_loss(out, shoal.to_tensor(np.zeros(out.shape, np.float32)))
+        loss.backward()            # outside auto_cast: the recomputation must still cast
+        return [p.grad.numpy() for p in model.parameters()]
+
+    plain, again = run(False), run(True)
+    for i, (g, h) in enumerate(zip(plain, again)):
+        assert h.dtype == g.dtype == np.float32, i
+        np.testing.assert_array_equal(h, g, err_msg=str(i))

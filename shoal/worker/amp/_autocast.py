@@ -184,3 +184,26 @@ class auto_cast:
             with self:
                 return fn(*args, **kwargs)
         return wrapper
+
+
+class _PolicyScope:
+    """Reinstates one auto_cast policy (None: off) for a block; reusable and nestable."""
+
+    def __init__(self, policy):
+        self._policy, self._saved = policy, []
+
+    def __enter__(self):
+        self._saved.append(getattr(_local, "policy", None))
+        _local.policy = self._policy
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _local.policy = self._saved.pop()
+
+
+def capture_policy() -> _PolicyScope:
+    """The auto_cast policy in force on this thread, as a scope that reinstates it (recompute
+    runs a segment's second forward under it: usually outside the auto_cast block the first
+    one ran in, and it must cast exactly as that one did or its gradients change dtype)."""
+    return _PolicyScope(getattr(_local, "policy", None))
+

@@ -150,7 +150,11 @@ def test_lars_and_lamb_contradict():
 
 PRESET_MODES = {"ps_sync": CommMode.SYNC, "ps_async": CommMode.ASYNC,
                 "ps_half_async": CommMode.HALF_ASYNC, "ps_geo": CommMode.GEO,
-                "collective_dp": CommMode.SYNC}
+                "collective_dp": CommMode.SYNC,
+                **{name: CommMode.SYNC for name in (
+                    "sharding_stage1", "sharding_stage2", "pipeline_1f1b", "pipeline_fthenb",
+                    "amp_o1", "amp_o2", "recompute", "lars", "lamb", "localsgd",
+                    "gradient_merge")}}
 
 
 def test_presets_lists_the_shipped_files():

@@ -1,0 +1,125 @@
+"""The shared-memory all_reduce of gloo groups on one host (csrc/shm.cpp, _shm_group.py)."""
+import glob
+import json
+import os
+import time
+
+import numpy as np
+import pytest
+
+from shoal.launcher._spawn import ProcessFailedError, spawn
+from tests.collective import shm_ranks
+from tests.collective.shm_ranks import DTYPES, OPS, sizes, value
+
+pytest.importorskip("shoal.collective._gloo", reason="the Gloo binding is not built (libgloo-dev)")
+pytest.importorskip("shoal.collective._shm", reason="the shared-memory binding is not built")
+
+
+def _reference(op, arrays):
+    stack = np.stack(arrays)
+    if op == "avg":
+        s = stack.sum(0, dtype=stack.dtype)
+        return s / len(arrays) if s.dtype.kind == "f" else s // len(arrays)
+    return {"sum": np.sum, "max": np.max, "min": np.min, "prod": np.prod}[op](
+        stack, axis=0, **({"dtype": stack.dtype} if op in ("sum", "prod") else {}))
+
+
+def _check_every_dtype(results, world):
+    for r, out in enumerate(results):
+        for dt in DTYPES:
+            for n in sizes(dt):
+                inputs = [value(i, dt, n) for i in range(world)]
+                for op in OPS + ("avg",):
+                    got = out[f"{op}/{dt}/{n}"]
+                    assert got.dtype == np.dtype(dt)
+                    want = _reference(op, inputs).astype(dt)
+                    np.testing.assert_allclose(got, want, rtol=1e-3 if dt == "float16" else 1e-6,
+                                               err_msg=f"rank {r} {op} {dt} n={n}")
+                    np.testing.assert_array_equal(got, results[0][f"{op}/{dt}/{n}"])
+        strided = [value(i, "float32", 120).reshape(3, 40)[:, ::2] for i in range(world)]
+        np.testing.assert_array_equal(out["strided"], sum(strided))
+        np.testing.assert_array_equal(out["async"], sum(value(i, "float64", 5000)
+                                                        for i in range(world)))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_all_reduce_through_shm_matches_numpy(world):
+    results = spawn(shm_ranks.every_dtype, nprocs=world, timeout=120)
+    _check_every_dtype(results, world)
+    for out in results:
+        assert out["uses_shm"] and out["shm_ops_before"] == 0
+        # every all_reduce went through shared memory (the API's init itself all-reduces none)
+        assert out["shm_ops"] == out["calls"], out["shm_ops"]
+
+
+def test_shoal_shm_0_keeps_gloo_and_agrees():
+    results = spawn(shm_ranks.every_dtype, nprocs=2, timeout=120, env={"SHOAL_SHM": "0"})
+    _check_every_dtype(results, 2)
+    for out in results:
+        assert not out["uses_shm"] and out["shm_ops"] == 0
+
+
+def test_a_bad_shoal_shm_value_is_refused():
+    from shoal.collective import _shm_group
+    from shoal.collective.errors import CollectiveError
+    old = os.environ.get("SHOAL_SHM")
+    os.environ["SHOAL_SHM"] = "yes"
+    try:
+        with pytest.raises(CollectiveError, match="SHOAL_SHM='yes'"):
+            _shm_group.enabled()
+    finally:
+        if old is None:
+            del os.environ["SHOAL_SHM"]
+        else:
+            os.environ["SHOAL_SHM"] = old
+
+
+def test_a_rank_that_never_calls_times_out_naming_it():
+    t0 = time.monotonic()
+    results = spawn(shm_ranks.never_calls, (2, 2.0), nprocs=3, timeout=60)
+    for out in results[:2]:
+        assert out["uses_shm"]
+        assert out["missing"] == [2], out
+        assert 1.5 < out["elapsed"] < 2.0 + 2.0 + 3.0   # the timeout, plus the diagnosis grace
+        assert "rank(s) [2]" in out["message"]
+        assert "unusable" in out["broken"]
+    assert time.monotonic() - t0 < 45
+
+
+def test_a_killed_rank_fails_the_others_fast_and_leaves_no_segment(tmp_path):
+    with pytest.raises(ProcessFailedError) as info:
+        spawn(shm_ranks.killed_mid_run, (1, str(tmp_path)), nprocs=3, timeout=60)
+    assert info.value.rank == 1
+    reports = {int(os.path.basename(p).split(".")[0]): json.load(open(p))
+               for p in glob.glob(str(tmp_path / "*.json"))}
+    assert sorted(reports) == [0, 2], reports
+    for rep in reports.values():
+        assert rep["uses_shm"]
+        # the group timeout is 30 s: seeing the peer's process gone takes milliseconds
+        assert rep["error"] == "PeerFailedError", rep
+        assert rep["elapsed"] < 5.0, rep
+        assert "rank 1" in rep["message"] or "[1]" in rep["message"], rep
+    segment = reports[0]["segment"]
+    assert segment and not os.path.exists("/dev/shm" + segment)
+
+
+def test_subgroups_get_their_own_segments():
+    results = spawn(shm_ranks.subgroups, nprocs=3, timeout=120)
+    names = set()
+    for r, out in enumerate(results):
+        assert out["world"][0]
+        names.add(out["world"][1])
+        np.testing.assert_array_equal(out["world_sum"], sum(value(i, "int32", 3000)
+                                                            for i in range(3)))
+        for i, members in enumerate(([0, 2], [1, 2])):
+            if r in members:
+                np.testing.assert_array_equal(out[f"g{i}"], sum(value(m, "int64", 3000)
+                                                                for m in members))
+                uses, ops, name = out[f"g{i}/shm"]
+                assert uses and ops == 1
+                names.add(name)
+            else:
+                assert f"g{i}" not in out
+    assert len(names) == 3, names   # the world and the two groups: three segments
+    for name in names:
+        assert not os.path.exists("/dev/shm" + name)

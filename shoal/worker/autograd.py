@@ -121,32 +121,44 @@ def accumulate(a, b):
 
 
 def _toposort(start) -> tuple[list, set]:
-    """Nodes reachable from `start` (Functions and leaf tensors), inputs before users, and the
-    set of their ids.
+    """Nodes reachable from `start` (Functions and leaf tensors) in the order backward visits
+    them, users before their inputs, and the set of their ids.
 
-    An iterative depth-first post-order: a node is appended once everything it reaches has been,
-    so in reverse every node comes after all of its users (a tensor used twice, as in a residual
-    block, gets both gradients before it passes its own on)."""
-    order, visited = [], set()
-    stack = [(start, False)]
-    while stack:
-        node, expanded = stack.pop()
-        if expanded:
-            order.append(node)
-            continue
-        if id(node) in visited:
-            continue
-        visited.add(id(node))
-        stack.append((node, True))
+    A node comes once all of its users have (a tensor used twice, as in a residual block, gets
+    both gradients before it passes its own on), and a leaf comes right after its last user:
+    the last layer's parameters get their gradients first, while the layers below still run
+    backward, so data parallel can all-reduce them meanwhile. Kahn's algorithm over the user
+    counts, depth first."""
+    users: dict[int, int] = {}
+    visited = {id(start)}
+    stack = [start]
+    while stack:   # count each node's users among the reachable Functions
+        node = stack.pop()
         if not isinstance(node, Function):
             continue
         if node.released:
+            if any(id(node) in seen for seen in getattr(_mode, "graphs", ())):
+                raise _clash(node)
             raise GradError(
                 "backward() through a graph that an earlier backward() already freed; "
                 "pass retain_graph=True to the first backward() to run it twice")
         for edge, need in zip(node.edges, node.needs_grad):
-            if need and id(edge) not in visited:
-                stack.append((edge, False))
+            if need:
+                users[id(edge)] = users.get(id(edge), 0) + 1
+                if id(edge) not in visited:
+                    visited.add(id(edge))
+                    stack.append(edge)
+    order, ready = [], [start]
+    while ready:
+        node = ready.pop()
+        order.append(node)
+        if not isinstance(node, Function):
+            continue
+        for edge, need in zip(node.edges, node.needs_grad):
+            if need:
+                left = users[id(edge)] = users[id(edge)] - 1
+                if left == 0:
+                    ready.append(edge)
     return order, visited
 
 
@@ -270,6 +282,12 @@ def run_nested_backward(roots, grads, capture) -> dict:
     return captured
 
 
+def _clash(node) -> GradError:
+    return GradError(f"a nested backward (recompute) reached {_describe(node)}, a node of the "
+                     f"enclosing graph: a tensor computed outside the recomputed function was "
+                     f"used inside it without being passed in; pass it as an argument")
+
+
 def _reaches_enclosing(order) -> Function | None:
     for seen in getattr(_mode, "graphs", ())[:-1]:
         for node in order:
@@ -286,10 +304,7 @@ def _run_backward(start, grad, retain_graph: bool, capture=None, captured=None) 
         if capture is not None:
             clash = _reaches_enclosing(order)
             if clash is not None:
-                raise GradError(
-                    f"a nested backward (recompute) reached {_describe(clash)}, a node of the "
-                    f"enclosing graph: a tensor computed outside the recomputed function was "
-                    f"used inside it without being passed in; pass it as an argument")
+                raise _clash(clash)
         _propagate(start, order, grad, retain_graph, capture, captured)
     finally:
         graphs.pop()
@@ -297,7 +312,7 @@ def _run_backward(start, grad, retain_graph: bool, capture=None, captured=None) 
 
 def _propagate(start, order, grad, retain_graph, capture, captured) -> None:
     grads = {id(start): grad}
-    for node in reversed(order):
+    for node in order:
         g = grads.pop(id(node), None)
         if g is None:
             continue

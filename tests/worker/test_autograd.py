@@ -469,3 +469,31 @@ def test_a_tensor_used_twice_gets_both_gradients_before_passing_its_own():
         w[idx] = old
         numeric[idx] = (up - down) / (2 * eps)
     np.testing.assert_allclose(fc1.weight.grad.numpy(), numeric, rtol=1e-5, atol=1e-7)
+
+
+def test_parameters_get_their_gradients_as_soon_as_their_layer_is_done():
+    """The last layer's parameters are final while the layers below still run backward (data
+    parallel all-reduces them meanwhile): hooks fire in reverse layer order, each before the
+    next lower layer's backward."""
+    import shoal.nn as nn
+    events = []
+
+    class Probe(shoal.Function):   # marks when backward reaches the point between two layers
+        def forward(self, a, name=""):
+            self.name = name
+            return a.copy()
+
+        def backward(self, g):
+            events.append(f"backward below {self.name}")
+            return g
+    layers = [nn.Linear(4, 4) for _ in range(3)]
+    for i, layer in enumerate(layers):
+        for p in layer.parameters():
+            p.register_post_accumulate_grad_hook(lambda p, i=i: events.append(f"grad fc{i}"))
+    x = shoal.to_tensor(np.ones((2, 4), np.float32))
+    for i, layer in enumerate(layers):
+        x = layer(Probe.apply(x, name=f"fc{i}") if i else x)
+    x.sum().backward()
+    got = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]
+    assert got == ["grad fc2", "backward below fc2", "grad fc1", "backward below fc1",
+                   "grad fc0"], events

@@ -8,7 +8,10 @@
     numpy copy (np.copyto) of those same bytes, the physical ceiling; and, when `import torch`
     works, torch.distributed's gloo on the same ranks (FileStore rendezvous). The sides run in
     alternating blocks, the order flipped each round, both ranks in step (a barrier before each
-    block); medians of 30-200 trials by size, from rank 0.
+    block); medians of 30-200 trials by size, from rank 0. When the world's all_reduce goes
+    through shared memory (ranks on one host; SHOAL_SHM=0 turns it off), a second side
+    `shoal_tcp` all-reduces through a group of the same ranks made with SHOAL_SHM=0 (Gloo over
+    loopback), interleaved the same way: the all_reduce lines gain one with that reference.
 (b) data-parallel scaling: an MLP 784-1024-1024-10 (ReLU), batch 256 per rank, SGD, softmax
     cross entropy, through Shoal's engine (shoal.nn.Linear, shoal.optimizer.SGD) wrapped in
     shoal.collective.DataParallel on 2 ranks, against the same model without DataParallel in one
@@ -17,7 +20,8 @@
     gives the ceiling the machine itself allows two ranks (`no_comm_ratio`). Blocks of steps
     alternate between the sides; examples/s from the median block. Rank 0's per-phase times
     (forward, backward including the gradient all-reduce, update) go to stderr, with the
-    all-reduce of the gradients' size alone.
+    all-reduce of the gradients' size alone, and the part of backward spent waiting for the
+    buckets' all-reduces (Task.wait, timed by this bench).
 
 Two `nice -n 19` busy loops run during the measurement by default (--no-busy: none): on these
 2-vCPU machines an idle vCPU adds ~4 ms of wake-up latency to 10-50% of the collectives
@@ -100,7 +104,20 @@ def _torch_gloo(init_file: str, rank: int, world: int):
     return tdist
 
 
-def _sides(op: str, nbytes: int, rank: int, world: int, dist, tdist) -> dict:
+def _tcp_group(dist):
+    """A group of every rank whose all_reduce stays on Gloo's TCP (made with SHOAL_SHM=0)."""
+    old = os.environ.get("SHOAL_SHM")
+    os.environ["SHOAL_SHM"] = "0"
+    try:
+        return dist.new_group()
+    finally:
+        if old is None:
+            del os.environ["SHOAL_SHM"]
+        else:
+            os.environ["SHOAL_SHM"] = old
+
+
+def _sides(op: str, nbytes: int, rank: int, world: int, dist, tdist, tcp=None) -> dict:
     """name -> a function doing one trial; each side's result checked once beforehand."""
     n = nbytes // 4
     out_bytes = nbytes if op == "all_reduce" else nbytes * world
@@ -114,6 +131,12 @@ def _sides(op: str, nbytes: int, rank: int, world: int, dist, tdist) -> dict:
         assert np.all(x == world * (world + 1) / 2), "shoal all_reduce returned a wrong sum"
         x[:] = 0   # zeros stay zeros: repeated in-place sums neither overflow nor go denormal
         sides["shoal"] = lambda: dist.all_reduce(x)
+        if tcp is not None:
+            xt = np.full(n, rank + 1, np.float32)
+            dist.all_reduce(xt, group=tcp)
+            assert np.all(xt == world * (world + 1) / 2), "shoal all_reduce (tcp): wrong sum"
+            xt[:] = 0
+            sides["shoal_tcp"] = lambda: dist.all_reduce(xt, group=tcp)
     else:
         outs = [np.empty(n, np.float32) for _ in range(world)]
         dist.all_gather(outs, x)
@@ -137,14 +160,16 @@ def _sides(op: str, nbytes: int, rank: int, world: int, dist, tdist) -> dict:
 def collective_rank(plan: list, torch_file: str | None) -> dict:
     """One rank of (a): {case: {side: [seconds per trial]}} (every rank runs the same plan)."""
     import shoal.collective as dist
-    dist.init_parallel_env(timeout=120)
+    group = dist.init_parallel_env(timeout=120)
     rank, world = dist.get_rank(), dist.get_world_size()
     tdist = _torch_gloo(torch_file, rank, world) if torch_file else None
-    results = {}
+    uses_shm = bool(getattr(group, "uses_shm", False))
+    tcp = _tcp_group(dist) if uses_shm else None
+    results = {"transport": "shm" if uses_shm else "tcp"}
     perf = time.perf_counter
     for op in ("all_reduce", "all_gather"):
         for nbytes, trials, block in plan:
-            sides = _sides(op, nbytes, rank, world, dist, tdist)
+            sides = _sides(op, nbytes, rank, world, dist, tdist, tcp if op == "all_reduce" else None)
             names = list(sides)
             for fn in sides.values():   # warm up every path (page faults, connections, caches)
                 for _ in range(3):
@@ -192,8 +217,19 @@ def dp_rank(rounds: int, steps: int, batch: int, fuse_mb: float, seed: int = 0) 
     import shoal
     import shoal.collective as dist
     import shoal.nn.functional as F
-    dist.init_parallel_env(timeout=300)
+    from shoal.collective import _group
+    group = dist.init_parallel_env(timeout=300)
     rank = dist.get_rank()
+    waited = [0.0]   # seconds the caller spent in Task.wait (DataParallel's bucket waits)
+    untimed_wait = _group.Task.wait
+
+    def timed_wait(self, timeout=None):
+        t0 = time.perf_counter()
+        try:
+            return untimed_wait(self, timeout)
+        finally:
+            waited[0] += time.perf_counter() - t0
+    _group.Task.wait = timed_wait
     rng = np.random.default_rng(seed + rank)  # each rank its own shard of the global batch
     x = shoal.to_tensor(rng.standard_normal((batch, MLP[0])).astype(np.float32))
     y = shoal.to_tensor(rng.integers(0, MLP[-1], batch).astype(np.int64))
@@ -209,13 +245,13 @@ def dp_rank(rounds: int, steps: int, batch: int, fuse_mb: float, seed: int = 0) 
     def step(model, opt, record):
         t0 = perf()
         loss = F.cross_entropy(model(x), y)
-        t1 = perf()
+        t1, w0 = perf(), waited[0]
         loss.backward()
-        t2 = perf()
+        t2, w1 = perf(), waited[0]
         opt.step()
         opt.clear_grad()
         t3 = perf()
-        record.append((t1 - t0, t2 - t1, t3 - t2))
+        record.append((t1 - t0, t2 - t1, t3 - t2, w1 - w0))
 
     idle_cpu = []   # rank 1's CPU seconds while it waits for rank 0's one-rank block
     for r in range(rounds + 1):   # round 0 warms every side up, uncounted
@@ -248,9 +284,12 @@ def dp_rank(rounds: int, steps: int, batch: int, fuse_mb: float, seed: int = 0) 
             ar.append(perf() - t0)
     threads = len(os.listdir("/proc/self/task"))
     buckets = len(dp._buckets)
+    transport = "shm" if getattr(group, "uses_shm", False) else "tcp"
+    _group.Task.wait = untimed_wait
     dist.destroy_process_group()
     return {"blocks": blocks, "phases": phases, "idle_cpu": idle_cpu, "grad_bytes": nbytes,
             "allreduce_s": statistics.median(ar), "threads": threads, "buckets": buckets,
+            "transport": transport,
             "blas_env": os.environ.get("OPENBLAS_NUM_THREADS")}
 
 
@@ -340,6 +379,7 @@ def run_collectives(plan: list, spawn, busy_pids) -> None:
     load = MachineLoad(busy_pids)
     try:
         results = spawn(collective_rank, (plan, torch_file), nprocs=WORLD, timeout=900)[0]
+        transport = results.pop("transport")
         others = load.others()
         print(f"collectives: {load.report()}", file=sys.stderr)
     finally:
@@ -354,7 +394,12 @@ def run_collectives(plan: list, spawn, busy_pids) -> None:
             trials = len(results[case]["shoal"])
             emit(case, gbs["shoal"], "GB/s", "numpy_memcpy", gbs["shoal"] / gbs["numpy_memcpy"],
                  us=round(med["shoal"] * 1e6, 1), reference_value=round(gbs["numpy_memcpy"], 3),
-                 trials=trials, others_cpu_pct=round(100 * others, 1))
+                 trials=trials, transport=transport, others_cpu_pct=round(100 * others, 1))
+            if "shoal_tcp" in gbs:
+                emit(case, gbs["shoal"], "GB/s", "shoal_tcp", gbs["shoal"] / gbs["shoal_tcp"],
+                     us=round(med["shoal"] * 1e6, 1), reference_value=round(gbs["shoal_tcp"], 3),
+                     reference_us=round(med["shoal_tcp"] * 1e6, 1), trials=trials,
+                     transport=transport, others_cpu_pct=round(100 * others, 1))
             if "torch_gloo" in gbs:
                 emit(case, gbs["shoal"], "GB/s", "torch_gloo", gbs["shoal"] / gbs["torch_gloo"],
                      us=round(med["shoal"] * 1e6, 1), reference_value=round(gbs["torch_gloo"], 3),
@@ -377,6 +422,7 @@ def run_dp(args, spawn, busy_pids) -> None:
          reference_value=round(eps["one"], 1), mlp="x".join(map(str, MLP)),
          batch_per_rank=args.batch, one_rank_mode="one process without DataParallel",
          buckets=r0["buckets"], no_comm_ratio=round(eps["apart"] / eps["one"], 3),
+         transport=r0["transport"], fuse_mb=args.fuse_mb,
          others_cpu_pct=round(100 * others, 1))
 
     def ms(rows, i):
@@ -388,10 +434,10 @@ def run_dp(args, spawn, busy_pids) -> None:
     names = {"dp": "2 ranks, DataParallel", "one": "1 rank", "apart": "2 ranks, no communication"}
     for side, rows in r0["phases"].items():
         print(f"  rank 0, {names[side]:>26}: forward {ms(rows, 0):5.1f} ms, backward "
-              f"{ms(rows, 1):5.1f} ms, update {ms(rows, 2):4.1f} ms (medians of {len(rows)} steps)",
-              file=sys.stderr)
+              f"{ms(rows, 1):5.1f} ms (all-reduce wait {ms(rows, 3):4.1f} ms), update "
+              f"{ms(rows, 2):4.1f} ms (medians of {len(rows)} steps)", file=sys.stderr)
     print(f"  gradients {r0['grad_bytes'] / 2**20:.1f} MiB in {r0['buckets']} bucket(s); their "
-          f"all_reduce alone {r0['allreduce_s'] * 1e3:.1f} ms; threads per rank "
+          f"all_reduce ({r0['transport']}) alone {r0['allreduce_s'] * 1e3:.1f} ms; threads per rank "
           f"{[o['threads'] for o in out]} (OPENBLAS_NUM_THREADS={r0['blas_env']}); rank 1 used "
           f"{statistics.median(out[1]['idle_cpu']) * 1e3:.1f} ms CPU per one-rank block of "
           f"{per_step['one'] * steps * 1e3:.0f} ms while waiting", file=sys.stderr)

@@ -6,10 +6,11 @@
 //   sleeping on it, its pid, a descriptor of the operation it is in) | padding to 4 KiB |
 //   2 sets x world slots of C bytes (double buffered: set = chunk number % 2).
 //
-// all_reduce, per chunk of at most C bytes: copy the chunk into this rank's slot; arrive and
-// wait for every rank (all slots filled); reduce this rank's partition (1/world of the chunk,
-// 64-byte aligned) across every slot, in rank order, into this rank's slot; arrive and wait
-// (every partition reduced); copy every partition's result out of its owner's slot. The next
+// all_reduce, per chunk of at most C bytes: copy the partitions of the peers (each rank owns
+// 1/world of the chunk, 64-byte aligned) into this rank's slot; arrive and wait for every rank
+// (all slots filled); reduce this rank's partition across every rank's data (its own read
+// from the caller's array), in rank order, into the array and this rank's slot; arrive and
+// wait (every partition reduced); copy the peers' partitions' results out of their slots. The next
 // chunk uses the other set of slots, so no third barrier is needed: a rank writes a set again
 // only after it saw every peer arrive at the first barrier of the chunk in between, which each
 // peer reaches after it finished copying out of that set.
@@ -60,8 +61,11 @@ namespace {
 
 constexpr uint64_t kMagic = 0x73686f616c73686dULL;  // "shoalshm"
 constexpr size_t kLine = 64;
-constexpr int kSpins = 2000;    // ~20-80 us of pause: a peer running on another core arrives
-constexpr int kYields = 8;      // then give the core to this rank's own compute thread
+// A peer on another core arrives within a few microseconds: spin that long (~2.5 us). On these
+// oversubscribed 2-vCPU machines the peer often shares this core: spinning longer only delays
+// it (a 20 us spin made every barrier cost 20 us), so yield next, for up to 100 us, then sleep.
+constexpr int kSpins = 256;
+constexpr int kYieldUs = 100;
 constexpr size_t kTile = 16 << 10;  // bytes reduced per step of a partition (fits L1)
 constexpr long kSleepNs = 2'000'000;  // futex waits of at most 2 ms between deadline checks
 
@@ -301,23 +305,29 @@ public:
             const size_t bytes = std::min(chunk_, nbytes - done);
             const size_t n = bytes / item;
             const int set = static_cast<int>(chunks_++ & 1);
-            std::memcpy(slot(set, rank_), buf + done, bytes);
+            const size_t units = (n + align - 1) / align;
+            auto part = [&](int r) {  // [first, last) elements of rank r's partition
+                return std::make_pair(std::min(n, units * r / world_ * align), std::min(n, units * (r + 1) / world_ * align));
+            };
+            char* chunk = buf + done;
+            // only the partitions the peers reduce: this rank reads its own straight from `buf`
+            for (int r = 0; r < world_; r++) {
+                auto [a, b] = part(r);
+                if (r != rank_ && b > a) std::memcpy(slot(set, rank_) + a * item, chunk + a * item, (b - a) * item);
+            }
             arrive();
             wait_all(deadline, "the chunk's data");
             if (first) {
                 check_peers(code, nbytes, "all_reduce");
                 first = false;
             }
-            const size_t units = (n + align - 1) / align;
-            const size_t lo = std::min(n, units * rank_ / world_ * align);
-            const size_t hi = std::min(n, units * (rank_ + 1) / world_ * align);
-            if (world_ > 1) reduce_partition(k, set, lo * item, (hi - lo) * item, item);
+            auto [lo, hi] = part(rank_);
+            if (world_ > 1) reduce_partition(k, set, chunk, lo * item, (hi - lo) * item, item);
             arrive();
             wait_all(deadline, "the reduced partitions");
             for (int r = 0; r < world_; r++) {
-                const size_t a = std::min(n, units * r / world_ * align);
-                const size_t b = std::min(n, units * (r + 1) / world_ * align);
-                if (b > a) std::memcpy(buf + done + a * item, slot(set, r) + a * item, (b - a) * item);
+                auto [a, b] = part(r);
+                if (r != rank_ && b > a) std::memcpy(chunk + a * item, slot(set, r) + a * item, (b - a) * item);
             }
             done += bytes;
         } while (done < nbytes);
@@ -340,17 +350,21 @@ private:
     Line* line(int r) const { return reinterpret_cast<Line*>(base_ + sizeof(Header)) + r; }
     char* slot(int set, int r) const { return base_ + data_off_ + (static_cast<size_t>(set) * world_ + r) * chunk_; }
 
-    // Reduce bytes [off, off + len) of every slot of `set`, in rank order like a sequential
-    // numpy reduction (a0 op a1 op a2 ...), into this rank's slot: tile by tile through a
-    // buffer that stays in L1, so no loop writes a slot it also reads.
-    void reduce_partition(const Kernels& k, int set, size_t off, size_t len, size_t item) {
+    // Reduce bytes [off, off + len) of every rank's chunk (this rank's in `chunk`, the peers'
+    // in their slots of `set`) in rank order, like a sequential numpy reduction (a0 op a1 op
+    // a2 ...), tile by tile through a buffer that stays in L1 (no loop writes what it reads),
+    // into `chunk` and into this rank's slot, where the peers copy it from.
+    void reduce_partition(const Kernels& k, int set, char* chunk, size_t off, size_t len, size_t item) {
         alignas(64) static thread_local char tile[kTile];
-        char* mine = slot(set, rank_) + off;
+        auto src = [&](int r, size_t t) -> const char* {
+            return (r == rank_ ? chunk : slot(set, r)) + off + t;
+        };
         for (size_t t = 0; t < len; t += kTile) {
             const size_t bytes = std::min(kTile, len - t), n = bytes / item;
-            k.three(tile, slot(set, 0) + off + t, slot(set, 1) + off + t, n);
-            for (int r = 2; r < world_; r++) k.acc(tile, slot(set, r) + off + t, n);
-            std::memcpy(mine + t, tile, bytes);
+            k.three(tile, src(0, t), src(1, t), n);
+            for (int r = 2; r < world_; r++) k.acc(tile, src(r, t), n);
+            std::memcpy(slot(set, rank_) + off + t, tile, bytes);
+            std::memcpy(chunk + off + t, tile, bytes);
         }
     }
 
@@ -390,9 +404,11 @@ private:
             if (reached(l->seq.load(std::memory_order_acquire), target)) return;
             SHOAL_PAUSE();
         }
-        for (int i = 0; i < kYields; i++) {
+        const auto yield_until = Clock::now() + std::chrono::microseconds(kYieldUs);
+        for (int i = 0;; i++) {
             if (reached(l->seq.load(std::memory_order_acquire), target)) return;
             sched_yield();
+            if ((i & 15) == 15 && Clock::now() > yield_until) break;
         }
         const timespec ts{0, kSleepNs};
         while (true) {

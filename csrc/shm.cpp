@@ -88,9 +88,13 @@ struct Line {
     std::atomic<uint32_t> seq;      // the last epoch this rank arrived at (a futex word)
     std::atomic<uint32_t> waiters;  // ranks sleeping in a futex wait on `seq`
     std::atomic<int32_t> pid;
-    uint32_t op_code;               // the operation this rank is in: kind, dtype, reduce op
-    uint64_t op_bytes;              // and its size
-    char pad[kLine - 24];
+    // The operation this rank is in (kind, dtype, op or root) and its size, by the parity of
+    // its count of operations: after a one-barrier operation a peer may already describe the
+    // next one while this rank still checks the last (never two ahead: each needs this rank).
+    uint32_t op_code[2];
+    uint32_t pad0;
+    uint64_t op_bytes[2];
+    char pad[kLine - 40];
 };
 static_assert(sizeof(Line) == kLine);
 static_assert(std::atomic<uint32_t>::is_always_lock_free);
@@ -118,7 +122,7 @@ bool alive(int32_t pid) {
 
 enum class DType : uint32_t { F16, F32, F64, I8, U8, I32, I64 };
 enum class Op : uint32_t { Sum, Max, Min, Prod };
-enum class Kind : uint32_t { AllReduce = 1 };
+enum class Kind : uint32_t { AllReduce = 1, Broadcast = 2, AllGather = 3 };
 
 const char* kDtypes = "float16, float32, float64, int8, uint8, int32, int64";
 
@@ -207,7 +211,43 @@ Op parse_op(const std::string& op) {
     throw py::value_error("all_reduce: unknown op '" + op + "'; expected one of: sum, max, min, prod");
 }
 
-DType parse_dtype(const py::array& a) {
+DType parse_dtype(const char* what, const py::array& a);
+
+// The operation a rank is in, as its peers see it: kind, dtype, and the op or root.
+uint32_t op_code(Kind kind, DType dt, uint32_t arg) {
+    return (static_cast<uint32_t>(kind) << 24) | (static_cast<uint32_t>(dt) << 16) | (arg & 0xffff);
+}
+
+std::string code_name(uint32_t code, uint64_t nbytes) {
+    static const char* kinds[] = {"?", "all_reduce", "broadcast", "all_gather"};
+    static const char* dtypes[] = {"float16", "float32", "float64", "int8", "uint8", "int32", "int64"};
+    static const char* ops[] = {"sum", "max", "min", "prod"};
+    const uint32_t kind = code >> 24, dt = (code >> 16) & 0xff, arg = code & 0xffff;
+    std::string s = kind < 4 ? kinds[kind] : "?";
+    if (kind == static_cast<uint32_t>(Kind::AllReduce)) s += std::string(" ") + (arg < 4 ? ops[arg] : "?");
+    if (kind == static_cast<uint32_t>(Kind::Broadcast)) s += " from " + std::to_string(arg);
+    return s + " of " + std::to_string(nbytes) + " bytes of " + (dt < 7 ? dtypes[dt] : "?");
+}
+
+struct Buf {
+    py::array array;  // a reference while the GIL is released
+    char* data;
+    size_t nbytes, item;
+    DType dtype;
+};
+
+Buf checked(const char* what, const py::object& obj, bool writable) {
+    if (!py::isinstance<py::array>(obj))
+        throw py::type_error(std::string(what) + ": expected a numpy.ndarray, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
+    auto a = py::reinterpret_borrow<py::array>(obj);
+    if (!(a.flags() & py::array::c_style) || (writable && !a.writeable()))
+        throw py::value_error(std::string(what) + ": the array must be C-contiguous" + (writable ? " and writable" : ""));
+    const DType dt = parse_dtype(what, a);
+    char* data = static_cast<char*>(const_cast<void*>(a.data()));
+    return {a, data, static_cast<size_t>(a.nbytes()), static_cast<size_t>(a.itemsize()), dt};
+}
+
+DType parse_dtype(const char* what, const py::array& a) {
     py::dtype dt = a.dtype();
     const char kind = dt.kind(), order = dt.byteorder();
     const auto size = dt.itemsize();
@@ -220,7 +260,7 @@ DType parse_dtype(const py::array& a) {
         if (kind == 'i' && size == 4) return DType::I32;
         if (kind == 'i' && size == 8) return DType::I64;
     }
-    throw py::type_error("all_reduce: dtype " + std::string(py::str(dt)) + " is not supported; use one of " + kDtypes);
+    throw py::type_error(std::string(what) + ": dtype " + std::string(py::str(dt)) + " is not supported; use one of " + kDtypes);
 }
 
 // ---------------------------------------------------------------- the segment
@@ -281,20 +321,13 @@ public:
     // timeout_ms, ShmPeerError when a peer's process is gone, ShmMismatchError when a peer
     // called it with another size, dtype or op.
     void all_reduce(py::object obj, const std::string& opname, int64_t timeout_ms) {
-        if (!base_) throw py::value_error("all_reduce: the shm segment " + name_ + " is closed");
-        if (!py::isinstance<py::array>(obj))
-            throw py::type_error("all_reduce: expected a numpy.ndarray, got " + std::string(py::str(py::type::of(obj).attr("__name__"))));
-        auto array = py::reinterpret_borrow<py::array>(obj);
-        if (!(array.flags() & py::array::c_style) || !array.writeable())
-            throw py::value_error("all_reduce: the array must be C-contiguous and writable");
-        const DType dt = parse_dtype(array);
+        open_check("all_reduce");
+        const Buf a = checked("all_reduce", obj, true);
         const Op op = parse_op(opname);
-        const size_t item = static_cast<size_t>(array.itemsize());
-        const size_t nbytes = static_cast<size_t>(array.nbytes());
-        char* buf = static_cast<char*>(array.mutable_data());
-        const Kernels k = kernels_for(dt, op);
-        const uint32_t code = (static_cast<uint32_t>(Kind::AllReduce) << 16) | (static_cast<uint32_t>(dt) << 8) |
-                              static_cast<uint32_t>(op);
+        const size_t item = a.item, nbytes = a.nbytes;
+        char* buf = a.data;
+        const Kernels k = kernels_for(a.dtype, op);
+        const uint32_t code = op_code(Kind::AllReduce, a.dtype, static_cast<uint32_t>(op));
         py::gil_scoped_release nogil;
         const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
         describe(code, nbytes);
@@ -334,6 +367,60 @@ public:
         ops_++;
     }
 
+    // Copy rank `root`'s `array` into every rank's, in place (the same shape and dtype on
+    // every rank). Blocks and raises like all_reduce.
+    void broadcast(py::object obj, int root, int64_t timeout_ms) {
+        open_check("broadcast");
+        if (root < 0 || root >= world_) throw py::value_error("broadcast: root " + std::to_string(root) + " is not a rank of the group");
+        const Buf a = checked("broadcast", obj, root != rank_);
+        const uint32_t code = op_code(Kind::Broadcast, a.dtype, static_cast<uint32_t>(root));
+        py::gil_scoped_release nogil;
+        const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+        describe(code, a.nbytes);
+        size_t done = 0;
+        do {
+            const size_t bytes = std::min(chunk_, a.nbytes - done);
+            const int set = static_cast<int>(chunks_++ & 1);
+            if (rank_ == root) std::memcpy(slot(set, root), a.data + done, bytes);
+            arrive();
+            wait_all(deadline, "the root's data");
+            if (done == 0) check_peers(code, a.nbytes, "broadcast");
+            if (rank_ != root) std::memcpy(a.data + done, slot(set, root), bytes);
+            done += bytes;
+        } while (done < a.nbytes);
+        ops_++;
+    }
+
+    // out (C-contiguous, world x inp's bytes) = every rank's `inp`, in rank order. Blocks and
+    // raises like all_reduce.
+    void all_gather(py::object inp_obj, py::object out_obj, int64_t timeout_ms) {
+        open_check("all_gather");
+        const Buf in = checked("all_gather", inp_obj, false);
+        const Buf out = checked("all_gather", out_obj, true);
+        if (out.nbytes != in.nbytes * world_ || out.dtype != in.dtype)
+            throw py::value_error("all_gather: out must hold world x inp (" + std::to_string(in.nbytes * world_) + " bytes of inp's dtype), got " +
+                                  std::to_string(out.nbytes) + " bytes");
+        const uint32_t code = op_code(Kind::AllGather, in.dtype, 0);
+        py::gil_scoped_release nogil;
+        const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+        describe(code, in.nbytes);
+        size_t done = 0;
+        do {
+            const size_t bytes = std::min(chunk_, in.nbytes - done);
+            const int set = static_cast<int>(chunks_++ & 1);
+            std::memcpy(slot(set, rank_), in.data + done, bytes);
+            arrive();
+            wait_all(deadline, "the ranks' data");
+            if (done == 0) check_peers(code, in.nbytes, "all_gather");
+            for (int r = 0; r < world_; r++) {
+                const char* src = r == rank_ ? in.data + done : slot(set, r);
+                std::memcpy(out.data + r * in.nbytes + done, src, bytes);
+            }
+            done += bytes;
+        } while (done < in.nbytes);
+        ops_++;
+    }
+
     int pid(int rank) const {
         if (!base_ || rank < 0 || rank >= world_) throw py::index_error("pid: no rank " + std::to_string(rank));
         return line(rank)->pid.load(std::memory_order_acquire);
@@ -368,20 +455,25 @@ private:
         }
     }
 
+    void open_check(const char* what) const {
+        if (!base_) throw py::value_error(std::string(what) + ": the shm segment " + name_ + " is closed");
+    }
+
     void describe(uint32_t code, uint64_t nbytes) {
         Line* me = line(rank_);
-        me->op_code = code;
-        me->op_bytes = nbytes;  // published by the release store of the next arrival
+        me->op_code[ops_ & 1] = code;
+        me->op_bytes[ops_ & 1] = nbytes;  // published by the release store of the next arrival
     }
 
     void check_peers(uint32_t code, uint64_t nbytes, const char* op) {
         for (int r = 0; r < world_; r++) {
             const Line* l = line(r);
-            if (l->op_code != code || l->op_bytes != nbytes) {
-                throw ShmMismatch(std::string(op) + " on rank " + std::to_string(rank_) + " (" + std::to_string(nbytes) +
-                                  " bytes, code " + std::to_string(code) + ") met rank " + std::to_string(r) + " of the group in another call (" +
-                                  std::to_string(l->op_bytes) + " bytes, code " + std::to_string(l->op_code) +
-                                  "): every rank must pass the same size, dtype and op");
+            const uint32_t theirs = l->op_code[ops_ & 1];
+            const uint64_t their_bytes = l->op_bytes[ops_ & 1];
+            if (theirs != code || their_bytes != nbytes) {
+                throw ShmMismatch(std::string(op) + " on rank " + std::to_string(rank_) + " of the shm group (" + code_name(code, nbytes) +
+                                  ") met rank " + std::to_string(r) + " in another call (" + code_name(theirs, their_bytes) +
+                                  "): every rank must make the same call with the same size, dtype and op");
             }
         }
     }
@@ -458,7 +550,8 @@ PYBIND11_MODULE(_shm, m) {
 Segment(name, rank, world, chunk_bytes, create) creates (rank 0, create=True, O_EXCL) or
 attaches to the segment `name` (a /dev/shm name, starting with '/'). Segment.all_reduce(array,
 op, timeout_ms) reduces a C-contiguous writable numpy array (float16/32/64, int8, uint8, int32,
-int64; op sum, max, min or prod) in place over the ranks, with the GIL released, chunk by chunk.
+int64; op sum, max, min or prod) in place over the ranks, with the GIL released, chunk by chunk;
+broadcast(array, root, timeout_ms) and all_gather(inp, out, timeout_ms) likewise.
 One operation at a time per segment (the caller's issuing thread); after a ShmError the segment
 is out of step and must not be used again. unlink_segment(name) removes the name (the memory
 lives on while mapped).)doc";
@@ -473,6 +566,8 @@ lives on while mapped).)doc";
              py::arg("world"), py::arg("chunk_bytes"), py::arg("create"))
         .def("all_reduce", &Segment::all_reduce, py::arg("array"), py::arg("op") = "sum",
              py::arg("timeout_ms") = 30000)
+        .def("broadcast", &Segment::broadcast, py::arg("array"), py::arg("root"), py::arg("timeout_ms") = 30000)
+        .def("all_gather", &Segment::all_gather, py::arg("inp"), py::arg("out"), py::arg("timeout_ms") = 30000)
         .def("pid", &Segment::pid, py::arg("rank"))
         .def("close", &Segment::close)
         .def_property_readonly("name", &Segment::name)

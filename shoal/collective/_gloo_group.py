@@ -4,9 +4,9 @@ Arrays are numpy; a cupy array or a non-contiguous one is copied to a contiguous
 and the result copied back. Gloo writes straight into the array's memory with the GIL released,
 so the caller must not touch it until the operation is done (a Task's `wait()`).
 
-When every rank of the group runs on this host, all_reduce goes through one shared-memory
-segment instead (`_shm_group`, csrc/shm.cpp: no sockets, no Python in the loop); every other
-operation stays on Gloo. `SHOAL_SHM=0` in the environment keeps everything on Gloo.
+When every rank of the group runs on this host, all_reduce, broadcast and all_gather go through
+one shared-memory segment instead (`_shm_group`, csrc/shm.cpp: no sockets, no Python in the
+loop); every other operation stays on Gloo. `SHOAL_SHM=0` in the environment keeps everything on Gloo.
 """
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _binding():
 class GlooGroup(ProcessGroup):
     """Gloo over TCP; every socket binds `host`. Collectives of 256 KiB and more use the ring
     all-reduce, smaller ones bcube (the binding picks). A group whose ranks share this host
-    all-reduces through shared memory (`uses_shm`; `shm_ops` counts those operations)."""
+    all-reduces, broadcasts and all-gathers through shared memory (`uses_shm`; `shm_ops` counts
+    those operations)."""
 
     name = "gloo"
 
@@ -62,7 +63,7 @@ class GlooGroup(ProcessGroup):
 
     @property
     def shm_ops(self) -> int:
-        """How many all_reduce operations went through shared memory so far."""
+        """How many operations (all_reduce, broadcast, all_gather) went through shared memory."""
         return 0 if self._shm is None else self._shm.ops
 
     def _to_native(self, array):
@@ -81,20 +82,30 @@ class GlooGroup(ProcessGroup):
             array[...] = cupy.asarray(native.reshape(array.shape))
         return native, back
 
+    def _through_shm(self, *arrays) -> bool:
+        return self._shm is not None and all(isinstance(a, np.ndarray) and a.flags.c_contiguous
+                                             for a in arrays)
+
     def _all_reduce(self, arr, op):
-        if self._shm is not None and isinstance(arr, np.ndarray):  # _to_native: contiguous
+        if self._through_shm(arr):
             self._shm.all_reduce(arr, op, int(self.timeout * 1000))
         else:
             self._ctx.allreduce(arr, op)
 
     def _broadcast(self, arr, root):
-        self._ctx.broadcast(arr, root)
+        if self._through_shm(arr):
+            self._shm.broadcast(arr, root, int(self.timeout * 1000))
+        else:
+            self._ctx.broadcast(arr, root)
 
     def _reduce(self, arr, root, op):
         self._ctx.reduce(arr, root, op)
 
     def _all_gather(self, inp, out):
-        self._ctx.allgather(inp, out)
+        if self._through_shm(inp, out):
+            self._shm.all_gather(inp, out, int(self.timeout * 1000))
+        else:
+            self._ctx.allgather(inp, out)
 
     def _scatter(self, inputs, out, root):
         self._ctx.scatter(inputs, out, root)

@@ -16,8 +16,8 @@
    pid is gone.
 
 The group then all-reduces contiguous numpy arrays through the segment (`Segment.all_reduce`:
-copy in, reduce-scatter, all-gather, in C++ with the GIL released) and keeps Gloo for every
-other operation. Memory: 2 x size x CHUNK_BYTES per group (1 MiB for two ranks).
+copy in, reduce-scatter, all-gather, in C++ with the GIL released), broadcasts and all-gathers
+through it too, and keeps Gloo for every other operation. Memory: 2 x size x CHUNK_BYTES per group (1 MiB for two ranks).
 
 Environment: `SHOAL_SHM=0` turns it off (every collective over Gloo's TCP); `1` or unset: on.
 """

@@ -51,6 +51,13 @@ def every_dtype() -> dict:
                 dist.all_reduce(x, op)
                 calls += 1
                 out[f"{op}/{dt}/{n}"] = x
+            x = value(r, dt, n, salt=1)
+            dist.broadcast(x, src=n % dist.get_world_size())
+            out[f"broadcast/{dt}/{n}"] = x
+            gathered: list = []
+            dist.all_gather(gathered, value(r, dt, n, salt=2))
+            out[f"all_gather/{dt}/{n}"] = np.stack(gathered)
+            calls += 2
     x = value(r, "float32", 3 * 40).reshape(3, 40)[:, ::2]   # not contiguous: through a copy
     dist.all_reduce(x)
     out["strided"] = x
@@ -108,6 +115,28 @@ def killed_mid_run(victim: int, report_dir: str) -> dict:
         json.dump(report, f)
     os.rename(os.path.join(report_dir, f"{r}.json.tmp"), os.path.join(report_dir, f"{r}.json"))
     return report
+
+
+def mismatched(case: str) -> dict:
+    """Rank 1 makes another call than rank 0 (a bigger array, or a broadcast)."""
+    dist, world = _init(5)
+    r = dist.get_rank()
+    x = np.ones(100 if r == 0 or case != "size" else 300, np.float32)
+    t0 = time.monotonic()
+    try:
+        if r == 1 and case == "kind":
+            dist.broadcast(x, src=0)
+        else:
+            dist.all_reduce(x)
+        out = {"error": None}
+    except dist.CollectiveError as e:
+        out = {"error": type(e).__name__, "message": str(e)}
+    out["elapsed"] = time.monotonic() - t0
+    try:
+        dist.all_reduce(np.ones(4, np.float32))
+    except dist.GroupBrokenError:
+        out["broken"] = True
+    return out
 
 
 def subgroups() -> dict:

@@ -36,6 +36,11 @@ def _check_every_dtype(results, world):
                     np.testing.assert_allclose(got, want, rtol=1e-3 if dt == "float16" else 1e-6,
                                                err_msg=f"rank {r} {op} {dt} n={n}")
                     np.testing.assert_array_equal(got, results[0][f"{op}/{dt}/{n}"])
+                np.testing.assert_array_equal(out[f"broadcast/{dt}/{n}"],
+                                              value(n % world, dt, n, salt=1))
+                np.testing.assert_array_equal(out[f"all_gather/{dt}/{n}"],
+                                              np.stack([value(i, dt, n, salt=2)
+                                                        for i in range(world)]))
         strided = [value(i, "float32", 120).reshape(3, 40)[:, ::2] for i in range(world)]
         np.testing.assert_array_equal(out["strided"], sum(strided))
         np.testing.assert_array_equal(out["async"], sum(value(i, "float64", 5000)
@@ -43,13 +48,13 @@ def _check_every_dtype(results, world):
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_all_reduce_through_shm_matches_numpy(world):
+def test_shm_collectives_match_numpy(world):
     results = spawn(shm_ranks.every_dtype, nprocs=world, timeout=120)
     _check_every_dtype(results, world)
     for out in results:
         assert out["uses_shm"] and out["shm_ops_before"] == 0
-        # every all_reduce went through shared memory (the API's init itself all-reduces none)
-        assert out["shm_ops"] == out["calls"], out["shm_ops"]
+        # every all_reduce, broadcast and all_gather went through shared memory
+        assert out["shm_ops"] == out["calls"], (out["shm_ops"], out["calls"])
 
 
 def test_shoal_shm_0_keeps_gloo_and_agrees():
@@ -101,6 +106,16 @@ def test_a_killed_rank_fails_the_others_fast_and_leaves_no_segment(tmp_path):
         assert "rank 1" in rep["message"] or "[1]" in rep["message"], rep
     segment = reports[0]["segment"]
     assert segment and not os.path.exists("/dev/shm" + segment)
+
+
+@pytest.mark.parametrize("case", ["size", "kind"])
+def test_ranks_making_different_calls_fail_at_once_naming_both(case):
+    results = spawn(shm_ranks.mismatched, (case,), nprocs=2, timeout=60)
+    for out in results:
+        assert out["error"] == "CollectiveError", out
+        assert "met rank" in out["message"] and "another call" in out["message"], out
+        assert ("broadcast" in out["message"]) == (case == "kind"), out
+        assert out["elapsed"] < 2.0 and out.get("broken"), out   # not the 5 s timeout
 
 
 def test_subgroups_get_their_own_segments():

@@ -44,6 +44,7 @@
 #include <cstring>
 #include <fstream>
 #include <stdexcept>
+#include <mutex>
 #include <string>
 #include <type_traits>
 
@@ -314,14 +315,19 @@ public:
 
     ~Segment() { unmap(); }
 
-    void close() { unmap(); }
+    // Unmap now, or, while an operation runs on another thread, when it ends (it keeps the
+    // memory until then: its own deadline bounds that). Idempotent.
+    void close() {
+        std::lock_guard<std::mutex> lk(state_);
+        closing_ = true;
+        if (!in_flight_) unmap();
+    }
 
     // Reduce `array` (C-contiguous, writable) over the ranks in place. Blocks with the GIL
     // released until every rank has done the same call, or raises ShmTimeoutError after
     // timeout_ms, ShmPeerError when a peer's process is gone, ShmMismatchError when a peer
     // called it with another size, dtype or op.
     void all_reduce(py::object obj, const std::string& opname, int64_t timeout_ms) {
-        open_check("all_reduce");
         const Buf a = checked("all_reduce", obj, true);
         const Op op = parse_op(opname);
         const size_t item = a.item, nbytes = a.nbytes;
@@ -329,6 +335,7 @@ public:
         const Kernels k = kernels_for(a.dtype, op);
         const uint32_t code = op_code(Kind::AllReduce, a.dtype, static_cast<uint32_t>(op));
         py::gil_scoped_release nogil;
+        InFlight guard(this, "all_reduce");  // released before the GIL is retaken
         const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
         describe(code, nbytes);
         const size_t align = kLine / item;  // partition boundaries on cache lines
@@ -370,11 +377,11 @@ public:
     // Copy rank `root`'s `array` into every rank's, in place (the same shape and dtype on
     // every rank). Blocks and raises like all_reduce.
     void broadcast(py::object obj, int root, int64_t timeout_ms) {
-        open_check("broadcast");
         if (root < 0 || root >= world_) throw py::value_error("broadcast: root " + std::to_string(root) + " is not a rank of the group");
         const Buf a = checked("broadcast", obj, root != rank_);
         const uint32_t code = op_code(Kind::Broadcast, a.dtype, static_cast<uint32_t>(root));
         py::gil_scoped_release nogil;
+        InFlight guard(this, "broadcast");  // released before the GIL is retaken
         const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
         describe(code, a.nbytes);
         size_t done = 0;
@@ -394,7 +401,6 @@ public:
     // out (C-contiguous, world x inp's bytes) = every rank's `inp`, in rank order. Blocks and
     // raises like all_reduce.
     void all_gather(py::object inp_obj, py::object out_obj, int64_t timeout_ms) {
-        open_check("all_gather");
         const Buf in = checked("all_gather", inp_obj, false);
         const Buf out = checked("all_gather", out_obj, true);
         if (out.nbytes != in.nbytes * world_ || out.dtype != in.dtype)
@@ -402,6 +408,7 @@ public:
                                   std::to_string(out.nbytes) + " bytes");
         const uint32_t code = op_code(Kind::AllGather, in.dtype, 0);
         py::gil_scoped_release nogil;
+        InFlight guard(this, "all_gather");  // released before the GIL is retaken
         const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
         describe(code, in.nbytes);
         size_t done = 0;
@@ -430,7 +437,10 @@ public:
     size_t chunk_bytes() const { return chunk_; }
     size_t total_bytes() const { return total_; }
     uint64_t ops() const { return ops_; }
-    bool closed() const { return base_ == nullptr; }
+    bool closed() {
+        std::lock_guard<std::mutex> lk(state_);
+        return closing_ || base_ == nullptr;
+    }
 
 private:
     Header* header() const { return reinterpret_cast<Header*>(base_); }
@@ -455,9 +465,21 @@ private:
         }
     }
 
-    void open_check(const char* what) const {
-        if (!base_) throw py::value_error(std::string(what) + ": the shm segment " + name_ + " is closed");
-    }
+    // Marks an operation running (close() then defers the unmap to its end); refuses to start
+    // on a closed segment.
+    struct InFlight {
+        Segment* s;
+        InFlight(Segment* seg, const char* what) : s(seg) {
+            std::lock_guard<std::mutex> lk(s->state_);
+            if (s->closing_ || !s->base_) throw std::invalid_argument(std::string(what) + ": the shm segment " + s->name_ + " is closed");
+            s->in_flight_ = true;
+        }
+        ~InFlight() {
+            std::lock_guard<std::mutex> lk(s->state_);
+            s->in_flight_ = false;
+            if (s->closing_) s->unmap();
+        }
+    };
 
     void describe(uint32_t code, uint64_t nbytes) {
         Line* me = line(rank_);
@@ -537,6 +559,8 @@ private:
     int rank_, world_;
     size_t chunk_, data_off_ = 0, total_ = 0;
     char* base_ = nullptr;
+    std::mutex state_;         // guards closing_ and in_flight_ (never held during an operation)
+    bool closing_ = false, in_flight_ = false;
     uint32_t epoch_ = 0;   // arrivals so far; every rank counts the same sequence
     uint64_t chunks_ = 0;  // chunks so far: which set of slots is next
     uint64_t ops_ = 0;

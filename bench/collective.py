@@ -11,7 +11,8 @@
     block); medians of 30-200 trials by size, from rank 0. When the world's all_reduce goes
     through shared memory (ranks on one host; SHOAL_SHM=0 turns it off), a second side
     `shoal_tcp` all-reduces through a group of the same ranks made with SHOAL_SHM=0 (Gloo over
-    loopback), interleaved the same way: the all_reduce lines gain one with that reference.
+    loopback), interleaved the same way: the all_reduce and all_gather lines gain one with that
+    reference.
 (b) data-parallel scaling: an MLP 784-1024-1024-10 (ReLU), batch 256 per rank, SGD, softmax
     cross entropy, through Shoal's engine (shoal.nn.Linear, shoal.optimizer.SGD) wrapped in
     shoal.collective.DataParallel on 2 ranks, against the same model without DataParallel in one
@@ -142,6 +143,11 @@ def _sides(op: str, nbytes: int, rank: int, world: int, dist, tdist, tcp=None) -
         dist.all_gather(outs, x)
         assert all(np.all(o == i + 1) for i, o in enumerate(outs)), "shoal all_gather: wrong data"
         sides["shoal"] = lambda: dist.all_gather(outs, x)
+        if tcp is not None:
+            touts_ = [np.empty(n, np.float32) for _ in range(world)]
+            dist.all_gather(touts_, x, group=tcp)
+            assert all(np.all(o == i + 1) for i, o in enumerate(touts_)), "all_gather (tcp): wrong"
+            sides["shoal_tcp"] = lambda: dist.all_gather(touts_, x, group=tcp)
     if tdist is not None:
         import torch
         tx = torch.full((n,), float(rank + 1), dtype=torch.float32)
@@ -169,7 +175,7 @@ def collective_rank(plan: list, torch_file: str | None) -> dict:
     perf = time.perf_counter
     for op in ("all_reduce", "all_gather"):
         for nbytes, trials, block in plan:
-            sides = _sides(op, nbytes, rank, world, dist, tdist, tcp if op == "all_reduce" else None)
+            sides = _sides(op, nbytes, rank, world, dist, tdist, tcp)
             names = list(sides)
             for fn in sides.values():   # warm up every path (page faults, connections, caches)
                 for _ in range(3):

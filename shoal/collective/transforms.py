@@ -154,6 +154,11 @@ class _ChainScaler:
         return self._opt.scale(loss)
 
     def step(self, optimizer) -> None:
+        # a pipeline's first stages never see the loss: their gradients arrive already scaled
+        # by the last stage's, which PipelineParallel vouches for by stepping through here
+        for t in self._opt._transforms:
+            if hasattr(t, "mark_scaled"):
+                t.mark_scaled()
         optimizer.step()
 
     def update(self) -> None:

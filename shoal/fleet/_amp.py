@@ -49,6 +49,10 @@ class AmpStep:
         self._scaled = True
         return self.scaler.scale(loss)
 
+    def mark_scaled(self) -> None:
+        """The gradients of this step come from a scaled loss elsewhere (another stage)."""
+        self._scaled = True
+
     def __call__(self, params) -> bool:
         if not self._scaled:
             raise FleetError("strategy.amp is on but the loss was not scaled before backward: "

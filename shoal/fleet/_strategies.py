@@ -29,7 +29,22 @@ class Wiring:
 
 def _recompute(w: Wiring, model):
     from shoal.worker.recompute import apply_recompute
-    return apply_recompute(model, list(w.s.recompute_configs.checkpoints))
+    names = list(w.s.recompute_configs.checkpoints)
+    if w.s.pipeline:   # the names are the whole model's: this stage recomputes its own
+        names = _stage_names(model, names)
+    return apply_recompute(model, names)
+
+
+def _stage_names(layer, names: list[str]) -> list[str]:
+    """The checkpoint names this pipeline stage holds; names of another stage's layers are
+    dropped, any other name is kept (so apply_recompute refuses it)."""
+    from shoal.collective.pipeline import PipelineLayer
+    if not isinstance(layer, PipelineLayer):
+        return names
+    mine = {n for n, _ in layer.named_sublayers()}
+    n_layers = layer.bounds[-1]
+    return [n for n in names if n in mine or not
+            (n.split(".")[0].isdigit() and int(n.split(".")[0]) < n_layers)]
 
 
 def _amp_model(w: Wiring, model):

@@ -42,3 +42,28 @@ def test_preset_trains_the_example_on_two_ranks(preset):
     assert (r0["model"], r0["optimizer"]) == WANTED[preset]
     assert r0["accuracy"] == r1["accuracy"] and r0["loss"] == r1["loss"]
     assert r0["accuracy"] > 0.5, (preset, r0["accuracy"])   # 8 classes: chance is 0.125
+
+
+COMBOS = {   # several strategies at once, in _composition's order
+    "amp_sharding2_merge": ("amp: true\nsharding: true\nsharding_configs: {sharding_degree: 2, "
+                            "stage: 2}\ngradient_merge: true\ngradient_merge_configs: "
+                            "{k_steps: 2}\n", ("ShardedDataParallel", "ShardingOptimizer")),
+    "pipeline_amp_recompute": ("amp: true\npipeline: true\npipeline_configs: {micro_batch_size: "
+                               "32, accumulate_steps: 8}\nrecompute: true\nrecompute_configs: "
+                               "{checkpoints: ['0', '1']}\n", ("PipelineParallel", "Adam")),
+    "o2_localsgd_lamb": ("amp: true\namp_configs: {use_pure_fp16: true}\nlocalsgd: true\n"
+                         "localsgd_configs: {k_steps: 2, begin_step: 5}\nlamb: true\n",
+                         ("DataParallel", "Lamb")),
+}
+
+
+@pytest.mark.parametrize("combo", sorted(COMBOS))
+def test_strategies_compose_on_two_ranks(combo, tmp_path):
+    text, wanted = COMBOS[combo]
+    path = tmp_path / f"{combo}.yaml"
+    path.write_text("a_sync: false\n" + text)
+    r0, r1 = spawn(run_example, (ARGS + ["--steps", "40", "--strategy", str(path)],), nprocs=2,
+                   timeout=180)
+    assert (r0["model"], r0["optimizer"]) == wanted
+    assert r0["accuracy"] == r1["accuracy"] and r0["loss"] == r1["loss"]
+    assert r0["accuracy"] > 0.5, (combo, r0["accuracy"])

@@ -1,6 +1,16 @@
-"""The pipeline's communication: arrays sent with a header (dtype, shape), a broadcast of an
-array of any shape, and the data-parallel gradient average fused into one buffer per dtype."""
+"""The pipeline's communication: the links to the neighbouring stages (asynchronous sends, at
+most a few in flight; receives posted ahead), the per-batch header (dtype, shape) of the
+activations, a broadcast of an array of any shape, and the data-parallel gradient average fused
+into one buffer per dtype.
+
+A link is one direction to one neighbour over one group: an `Outbox` only sends, an `Inbox` only
+receives, so the two ends issue the same messages in the same order and a group never holds a
+send and a receive of the other direction behind each other (when each direction has its own
+group: `Links`)."""
 from __future__ import annotations
+
+import collections
+import dataclasses
 
 import numpy as np
 
@@ -10,8 +20,10 @@ from shoal.kernels import backend_of, default_backend
 from shoal.worker.sparse import SparseGrad
 
 _MAX_NDIM = 8
+_HEADER = 2 + _MAX_NDIM
 _CODES = tuple(np.dtype(d) for d in ("float32", "float64", "float16", "int64", "int32", "int8",
                                       "uint8"))
+SENDS_IN_FLIGHT = 2   # per link: a third send first waits for the oldest to be taken
 
 
 def _header(array, what: str) -> np.ndarray:
@@ -21,10 +33,15 @@ def _header(array, what: str) -> np.ndarray:
     if array.ndim > _MAX_NDIM:
         raise InvalidArgumentError(f"{what}: {array.ndim} dimensions; at most {_MAX_NDIM} cross "
                                    f"a pipeline stage (reshape it in the layer)")
-    head = np.zeros(2 + _MAX_NDIM, np.int64)
+    head = np.zeros(_HEADER, np.int64)
     head[0], head[1] = _CODES.index(array.dtype), array.ndim
     head[2:2 + array.ndim] = array.shape
     return head
+
+
+def _describe(head: np.ndarray) -> str:
+    ndim = int(head[1])
+    return f"{_CODES[int(head[0])]}{[int(d) for d in head[2:2 + ndim]]}"
 
 
 def _empty_from(head: np.ndarray, xp):
@@ -32,26 +49,150 @@ def _empty_from(head: np.ndarray, xp):
     return xp.empty(tuple(int(d) for d in head[2:2 + ndim]), dtype=_CODES[int(head[0])])
 
 
-def send_array(array, dst: int, group, what: str) -> None:
-    """Send the header (dtype, shape) then `array` to global rank `dst`; blocks until taken."""
-    _api.send(_header(array, what), dst, group)
-    _api.send(array, dst, group)
+@dataclasses.dataclass(frozen=True)
+class Links:
+    """The groups a stage talks to its neighbours through, each holding exactly this rank and
+    one neighbour: activations come in over `fwd_in` and go out over `fwd_out`, gradients come
+    in over `bwd_in` and go out over `bwd_out` (None at the ends of the pipeline)."""
+    fwd_in: object = None
+    fwd_out: object = None
+    bwd_in: object = None
+    bwd_out: object = None
 
 
-def recv_array(src: int, group, xp=None):
-    """Receive what `send_array` sent from global rank `src` (a new array of `xp`, by default
-    the default backend's)."""
-    head = np.empty(2 + _MAX_NDIM, np.int64)
-    _api.recv(head, src, group)
-    out = _empty_from(head, xp or default_backend().xp)
-    _api.recv(out, src, group)
-    return out
+def build_links(pipelines: list[list[int]], timeout: float | None = None) -> list[tuple]:
+    """Two groups (forward, backward) per pair of adjacent stages of every pipeline (lists of
+    global ranks in stage order), made with new_group: a collective over the world, so every
+    rank calls it with the same `pipelines`, in the same place. Returns [(fwd, bwd)] per pair,
+    in the order (pipeline, stage); a rank outside a pair gets new_group's refusing stand-ins."""
+    return [(_api.new_group([ranks[s], ranks[s + 1]], timeout=timeout),
+             _api.new_group([ranks[s], ranks[s + 1]], timeout=timeout))
+            for ranks in pipelines for s in range(len(ranks) - 1)]
+
+
+class Outbox:
+    """Sends to global rank `dst` over `group` without blocking the caller: at most `bound`
+    sends in flight (the next waits for the oldest). Each array is kept referenced until its
+    send is done; the caller must not modify it before `drain()` (or a later send) returned.
+    A send's failure surfaces in the call that waits for it."""
+
+    def __init__(self, group, dst: int, bound: int = SENDS_IN_FLIGHT):
+        self.group, self.dst, self._bound = group, dst, bound
+        self._pending: collections.deque = collections.deque()
+
+    def send(self, array) -> None:
+        while len(self._pending) >= self._bound:
+            self._pending.popleft()[0].wait()
+        self._pending.append((_api.send(array, self.dst, self.group, sync_op=False), array))
+
+    def drain(self) -> None:
+        """Block until every send issued is done (its error raised if it failed)."""
+        while self._pending:
+            self._pending[0][0].wait()
+            self._pending.popleft()
+
+
+class Inbox:
+    """Receives from global rank `src` over `group` into buffers posted ahead, first in first
+    out: `post(buffer)` starts a receive, `take()` waits for the oldest and returns its buffer."""
+
+    def __init__(self, group, src: int):
+        self.group, self.src = group, src
+        self._posted: collections.deque = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._posted)
+
+    def post(self, buffer) -> None:
+        self._posted.append((_api.recv(buffer, self.src, self.group, sync_op=False), buffer))
+
+    def oldest_arrived(self) -> bool:
+        return bool(self._posted) and self._posted[0][0].is_completed()
+
+    def take(self):
+        task, buffer = self._posted[0]
+        task.wait()
+        self._posted.popleft()
+        return buffer
+
+
+class ActivationSender:
+    """An Outbox for activations: the header (dtype, shape) goes once per batch, before the
+    batch's first activation; every later activation of the batch must match it."""
+
+    def __init__(self, outbox: Outbox, what: str):
+        self.outbox, self.what = outbox, what
+        self._head: np.ndarray | None = None
+
+    def begin_batch(self) -> None:
+        self._head = None
+
+    def send(self, array, micro_batch: int) -> None:
+        head = _header(array, self.what)
+        if self._head is None:
+            self.outbox.send(head)
+            self._head = head
+        elif not np.array_equal(head, self._head):
+            raise InvalidArgumentError(
+                f"{self.what} for micro-batch {micro_batch} is {_describe(head)} but this "
+                f"batch's first was {_describe(self._head)}; a stage must return the same "
+                f"dtype and shape for every micro-batch of a batch")
+        self.outbox.send(array)
+
+
+class ActivationReceiver:
+    """An Inbox for what an ActivationSender sends: `begin_batch` posts the header's receive;
+    once the header is in, `post()` can post activations ahead (buffers of its shape)."""
+
+    def __init__(self, inbox: Inbox):
+        self.inbox = inbox
+        self._head: np.ndarray | None = None
+        self._head_posted = False
+
+    def begin_batch(self, ahead: bool) -> None:
+        """Forget the last batch's header; with `ahead`, post the receive of this batch's."""
+        assert len(self.inbox) == 0, "an earlier batch left receives posted"
+        self._head, self._head_posted = None, False
+        if ahead:
+            self._post_head()
+
+    def _post_head(self) -> None:
+        self.inbox.post(np.empty(_HEADER, np.int64))
+        self._head_posted = True
+
+    def _settle(self, block: bool) -> bool:
+        """Whether the header is known (taking it when it has arrived, or with `block`)."""
+        if self._head is None:
+            if not self._head_posted:
+                if not block:
+                    return False
+                self._post_head()
+            if block or self.inbox.oldest_arrived():
+                self._head = self.inbox.take()
+                self._head_posted = False
+        return self._head is not None
+
+    def posted(self) -> int:
+        return len(self.inbox) - self._head_posted
+
+    def post(self, block: bool = False) -> bool:
+        """Post one activation receive; False (nothing posted) while the header is not in."""
+        if not self._settle(block):
+            return False
+        self.inbox.post(_empty_from(self._head, default_backend().xp))
+        return True
+
+    def take(self):
+        """The next activation (posting its receive first when it was not posted ahead)."""
+        if self.posted() == 0:
+            self.post(block=True)
+        return self.inbox.take()
 
 
 def broadcast_array(array, src: int, group, what: str):
     """`array` (writable, contiguous) of global rank `src` on every rank of `group` (the
     others pass None and get a new array)."""
-    head = _header(array, what) if array is not None else np.empty(2 + _MAX_NDIM, np.int64)
+    head = _header(array, what) if array is not None else np.empty(_HEADER, np.int64)
     _api.broadcast(head, src, group)
     out = array if array is not None else _empty_from(head, default_backend().xp)
     _api.broadcast(out, src, group)

@@ -7,10 +7,16 @@
     loss = model.train_batch((x, y), opt)        # the same float on every rank
 
 Each stage executes its schedule's instruction stream (schedule.py) through a dispatch table
-{instruction type: method}. Activations go forward and gradients back over send/recv of the
-pipeline group; an activation travels with a small header (dtype and shape), so any layer
-shapes work, and its gradient comes back in the same shape. Every send/recv has the group's
-timeout: a dead or stuck stage ends in CollectiveTimeoutError/PeerFailedError, not a hang.
+{instruction type: method}. Activations go forward and gradients back over send/recv, each
+direction between two adjacent stages over a group of its own (`_comm.Links`), so a send never
+queues behind a receive of the other direction. Sends are asynchronous (at most
+`_comm.SENDS_IN_FLIGHT` per link, all waited before the optimizer step and at the end of the
+batch); the receives of the next activations and gradients are posted ahead
+(`RECVS_AHEAD` per link) and waited when the instruction needing them runs, so data arrives
+while the stage computes. The first activation of a batch travels with a small header (dtype
+and shape; every micro-batch of the batch must match it), its gradient comes back in the same
+shape. Every send/recv has the group's timeout: a dead or stuck stage ends in
+CollectiveTimeoutError/PeerFailedError, not a hang.
 
 Data parallel together with pipeline (Paddle's topology): world = num_stages * dp_degree,
 rank = dp_index * num_stages + stage. Parameters of a stage are broadcast from the first rank
@@ -19,13 +25,15 @@ the dp group, one fused all-reduce per dtype, before the optimizer step.
 """
 from __future__ import annotations
 
+import collections
 import time
 
 import numpy as np
 
 from shoal.collective import _api
-from shoal.collective.errors import InvalidArgumentError
+from shoal.collective.errors import GroupBrokenError, InvalidArgumentError
 from shoal.collective.pipeline import _comm
+from shoal.collective.pipeline._comm import Links
 from shoal.collective.pipeline.layer import PipelineLayer
 from shoal.collective.pipeline.schedule import (SCHEDULES, Backward, Forward, OptimizerStep,
                                                 RecvActivation, RecvGrad, ReduceGrads,
@@ -37,6 +45,7 @@ from shoal.worker.nn.layer import Layer
 from shoal.worker.tensor import Tensor
 
 _COMPUTE = ("Forward", "Backward")
+RECVS_AHEAD = 2   # receives posted ahead per link (each holds a buffer of one activation)
 
 
 class _Run:
@@ -54,6 +63,9 @@ class _Run:
         self.losses: list[float] = []
         self.results: list = []                 # eval without loss: the last stage's outputs
         self.timeline: list[tuple[str, int | None, float, float]] = []
+        self.acts: collections.deque = collections.deque()   # RecvActivation's mbs to come
+        self.grads: collections.deque = collections.deque()  # RecvGrad's mbs to come
+        self.acts_posted = self.grads_posted = 0   # of those, how many are posted ahead
 
 
 class PipelineParallel(Layer):
@@ -67,6 +79,12 @@ class PipelineParallel(Layer):
             or "FThenB" (GPipe: all forwards, then all backwards).
         pp_group: the pipeline's group, ranks in stage order (default: the world).
         dp_group: the stage's data-parallel group (default: none).
+        links: the groups to the neighbouring stages, one per direction (`_comm.Links`; each
+            holds exactly this rank and that neighbour). Default: when pp_group spans the
+            whole world they are built here, with new_group (a collective over the world, as
+            construction then is on every rank anyway); otherwise both directions share
+            pp_group, in the schedule's order (sends still asynchronous, nothing received
+            ahead: slower). from_world builds them for every pipeline.
 
     `parameters()`/`state_dict()` are this stage's; `forward` runs this stage's layers only
     (use train_batch/eval_batch to run the pipeline). After each train_batch `last_timeline`
@@ -75,11 +93,14 @@ class PipelineParallel(Layer):
     waiting in recv), so the stage's bubble is 1 - compute_s / wall_s.
 
     Raises InvalidArgumentError for a bad argument or a pipeline_layer that does not fit the
-    groups. Construction blocks until the dp group's parameters are broadcast. Not
-    thread-safe: one thread drives a PipelineParallel."""
+    groups. Construction blocks until the link groups are built and the dp group's parameters
+    are broadcast. Not thread-safe: one thread drives a PipelineParallel. After a batch failed
+    inside the schedule (a timeout, a dead peer, a layer's error) messages of it may still be
+    in flight: later batches raise GroupBrokenError (rebuild the groups and the model)."""
 
     def __init__(self, pipeline_layer: PipelineLayer, *, micro_batch_size: int,
-                 accumulate_steps: int, schedule_mode="1F1B", pp_group=None, dp_group=None):
+                 accumulate_steps: int, schedule_mode="1F1B", pp_group=None, dp_group=None,
+                 links: Links | None = None):
         super().__init__()
         if not isinstance(pipeline_layer, PipelineLayer):
             raise InvalidArgumentError(f"PipelineParallel(pipeline_layer): expected a "
@@ -105,6 +126,8 @@ class PipelineParallel(Layer):
         stage = pipeline_layer.stage
         object.__setattr__(self, "_prev", pp.ranks[stage - 1] if stage > 0 else None)
         object.__setattr__(self, "_next", pp.ranks[stage + 1] if stage + 1 < pp.size else None)
+        self._connect(pp, links)
+        object.__setattr__(self, "_failed", None)
         object.__setattr__(self, "_dispatch", {
             RecvActivation: self._recv_activation, Forward: self._forward,
             SendActivation: self._send_activation, RecvGrad: self._recv_grad,
@@ -143,13 +166,61 @@ class PipelineParallel(Layer):
                                        f"(rank = dp_index * {pp} + stage) but its PipelineLayer "
                                        f"is stage {pipeline_layer.stage}; build it with "
                                        f"stage=None or stage={stage}")
-        pp_groups = [_api.new_group([d * pp + s for s in range(pp)], timeout=timeout)
-                     for d in range(dp_degree)]
+        pipelines = [[d * pp + s for s in range(pp)] for d in range(dp_degree)]
+        pp_groups = [_api.new_group(ranks, timeout=timeout) for ranks in pipelines]
         dp_groups = [_api.new_group([d * pp + s for d in range(dp_degree)], timeout=timeout)
                      for s in range(pp)] if dp_degree > 1 else [None] * pp
+        pairs = _comm.build_links(pipelines, timeout)[dp_index * (pp - 1):(dp_index + 1) * (pp - 1)]
+        links = Links(fwd_in=pairs[stage - 1][0] if stage > 0 else None,
+                      bwd_out=pairs[stage - 1][1] if stage > 0 else None,
+                      fwd_out=pairs[stage][0] if stage < pp - 1 else None,
+                      bwd_in=pairs[stage][1] if stage < pp - 1 else None)
         return cls(pipeline_layer, micro_batch_size=micro_batch_size,
                    accumulate_steps=accumulate_steps, schedule_mode=schedule_mode,
-                   pp_group=pp_groups[dp_index], dp_group=dp_groups[stage])
+                   pp_group=pp_groups[dp_index], dp_group=dp_groups[stage], links=links)
+
+    def _connect(self, pp, links: Links | None) -> None:
+        """The inboxes and outboxes to the neighbours, over `links` (checked) or built ones."""
+        stage = self._layers.stage
+        ahead = True
+        if links is None and pp.size > 1:
+            if pp.size == _api._world().size:
+                pairs = _comm.build_links([pp.ranks])
+                links = Links(fwd_in=pairs[stage - 1][0] if stage > 0 else None,
+                              bwd_out=pairs[stage - 1][1] if stage > 0 else None,
+                              fwd_out=pairs[stage][0] if stage < pp.size - 1 else None,
+                              bwd_in=pairs[stage][1] if stage < pp.size - 1 else None)
+            else:
+                links, ahead = Links(pp, pp, pp, pp), False
+        elif links is not None:
+            if not isinstance(links, Links):
+                raise InvalidArgumentError(f"PipelineParallel(links=...): expected a Links, got "
+                                           f"{type(links).__name__}")
+            me = pp.ranks[stage]
+            for name, peer in (("fwd_in", self._prev), ("bwd_out", self._prev),
+                               ("fwd_out", self._next), ("bwd_in", self._next)):
+                g = getattr(links, name)
+                want = None if peer is None else sorted([me, peer])
+                if (g is None) != (want is None) or (g is not None and
+                                                     (list(g.ranks) != want or g.rank < 0)):
+                    raise InvalidArgumentError(
+                        f"PipelineParallel(links.{name}): expected "
+                        f"{'None (no neighbour there)' if want is None else f'a group of ranks {want}'}"
+                        f" for stage {stage}, got {None if g is None else list(g.ranks)}")
+            groups = [g for g in (links.fwd_in, links.bwd_out, links.fwd_out, links.bwd_in)
+                      if g is not None]
+            ahead = len({id(g) for g in groups}) == len(groups)
+        prev, nxt = self._prev, self._next
+        what = f"stage {stage}'s output"
+        for name, value in (
+                ("_ahead", ahead),
+                ("_act_in", None if prev is None else
+                 _comm.ActivationReceiver(_comm.Inbox(links.fwd_in, prev))),
+                ("_grad_out", None if prev is None else _comm.Outbox(links.bwd_out, prev)),
+                ("_act_out", None if nxt is None else
+                 _comm.ActivationSender(_comm.Outbox(links.fwd_out, nxt), what)),
+                ("_grad_in", None if nxt is None else _comm.Inbox(links.bwd_in, nxt))):
+            object.__setattr__(self, name, value)
 
     # -- the layer -----------------------------------------------------------------------
     def forward(self, x):
@@ -259,12 +330,55 @@ class PipelineParallel(Layer):
         return arrays[0], (arrays[1] if len(arrays) > 1 else None)
 
     def _execute(self, run: _Run, stream, start: float) -> None:
+        if self._failed is not None:
+            raise GroupBrokenError(
+                f"PipelineParallel (stage {self._layers.stage}): an earlier batch failed inside "
+                f"the schedule ({self._failed}); its messages may still be in flight, so this "
+                f"pipeline cannot run another batch: destroy_process_group(), init_parallel_env() "
+                f"again and rebuild the PipelineParallel (or restart the job)")
+        stream = list(stream)
+        run.acts.extend(i.micro_batch for i in stream if isinstance(i, RecvActivation))
+        run.grads.extend(i.micro_batch for i in stream if isinstance(i, RecvGrad))
+        if self._act_out is not None:
+            self._act_out.begin_batch()
+        if self._act_in is not None:
+            self._act_in.begin_batch(ahead=self._ahead and bool(run.acts))
         clock = time.perf_counter
-        for ins in stream:
-            t0 = clock()
-            self._dispatch[type(ins)](run, ins)
-            run.timeline.append((ins.name, getattr(ins, "micro_batch", None), t0 - start,
-                                 clock() - start))
+        try:
+            self._post_ahead(run)
+            for ins in stream:
+                t0 = clock()
+                self._dispatch[type(ins)](run, ins)
+                self._post_ahead(run)   # what this instruction made possible (time of its own)
+                run.timeline.append((ins.name, getattr(ins, "micro_batch", None), t0 - start,
+                                     clock() - start))
+            self._drain()
+        except BaseException as e:
+            if self._layers.num_stages > 1:
+                object.__setattr__(self, "_failed", f"{type(e).__name__}: {e}")
+            raise
+
+    def _post_ahead(self, run: _Run) -> None:
+        """Post the receives of the next activations and gradients (at most RECVS_AHEAD per
+        link, in the stream's order; a gradient once its micro-batch's output exists)."""
+        if not self._ahead:
+            return
+        if self._act_in is not None:
+            while run.acts_posted < min(len(run.acts), RECVS_AHEAD) and self._act_in.post():
+                run.acts_posted += 1
+        if self._grad_in is not None:
+            while run.grads_posted < min(len(run.grads), RECVS_AHEAD):
+                out = run.outputs.get(run.grads[run.grads_posted])
+                if out is None:
+                    break
+                self._grad_in.post(backend_of(out.data).xp.empty(out.data.shape,
+                                                                 dtype=out.data.dtype))
+                run.grads_posted += 1
+
+    def _drain(self) -> None:
+        for box in (self._act_out and self._act_out.outbox, self._grad_out):
+            if box is not None:
+                box.drain()
 
     def _share_loss(self, run: _Run) -> float:
         loss = np.array([float(np.mean(run.losses)) if run.losses else 0.0], np.float64)
@@ -281,7 +395,10 @@ class PipelineParallel(Layer):
 
     # -- the instructions --------------------------------------------------------------------
     def _recv_activation(self, run: _Run, ins: RecvActivation) -> None:
-        array = _comm.recv_array(self._prev, self.pp_group)
+        mb = run.acts.popleft()
+        assert mb == ins.micro_batch, f"activation {mb} received for {ins}"
+        run.acts_posted = max(run.acts_posted - 1, 0)
+        array = self._act_in.take()
         run.received[ins.micro_batch] = Tensor._make(array, run.train and array.dtype.kind == "f")
 
     def _forward(self, run: _Run, ins: Forward) -> None:
@@ -311,14 +428,17 @@ class PipelineParallel(Layer):
 
     def _send_activation(self, run: _Run, ins: SendActivation) -> None:
         out = run.outputs[ins.micro_batch] if run.train else run.outputs.pop(ins.micro_batch)
-        _comm.send_array(out.data, self._next, self.pp_group,
-                        f"stage {self._layers.stage}'s output")
+        self._act_out.send(out.data, ins.micro_batch)
 
     def _recv_grad(self, run: _Run, ins: RecvGrad) -> None:
-        out = run.outputs[ins.micro_batch]
-        grad = backend_of(out.data).xp.empty(out.data.shape, dtype=out.data.dtype)
-        _api.recv(grad, self._next, self.pp_group)
-        run.grads_in[ins.micro_batch] = grad
+        mb = run.grads.popleft()
+        assert mb == ins.micro_batch, f"gradient {mb} received for {ins}"
+        if run.grads_posted:
+            run.grads_posted -= 1
+        else:
+            out = run.outputs[ins.micro_batch].data
+            self._grad_in.post(backend_of(out).xp.empty(out.shape, dtype=out.dtype))
+        run.grads_in[ins.micro_batch] = self._grad_in.take()
 
     def _backward(self, run: _Run, ins: Backward) -> None:
         mb, layer = ins.micro_batch, self._layers
@@ -338,7 +458,7 @@ class PipelineParallel(Layer):
 
     def _send_grad(self, run: _Run, ins: SendGrad) -> None:
         grad = run.grads_out.pop(ins.micro_batch)
-        _api.send(backend_of(grad).xp.ascontiguousarray(grad), self._prev, self.pp_group)
+        self._grad_out.send(backend_of(grad).xp.ascontiguousarray(grad))
 
     def _reduce_grads(self, run: _Run, ins: ReduceGrads) -> None:
         if self.dp_group is not None and self.dp_group.size > 1:
@@ -346,6 +466,7 @@ class PipelineParallel(Layer):
                                self.dp_group)
 
     def _optimizer_step(self, run: _Run, ins: OptimizerStep) -> None:
+        self._drain()   # a failed send fails the batch before the update
         if run.scaler is not None:
             run.scaler.step(run.optimizer)
             run.scaler.update()

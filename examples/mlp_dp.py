@@ -168,6 +168,9 @@ def run(argv=None) -> dict:
             if rank == 0:
                 print(f"step {step:4d}  loss {loss_avg:.4f}", flush=True)
 
+    if fleet.strategy().localsgd:   # the replicas drift between averages: end on their mean
+        from shoal.collective.localsgd import average_parameters
+        average_parameters(model.parameters())
     accuracy = global_accuracy(model, x_test, y_test)
     params = {k: v.numpy().copy() for k, v in model.state_dict().items()}
     fleet.stop_worker()

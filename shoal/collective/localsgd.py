@@ -45,10 +45,10 @@ class localsgd:
     def __call__(self, params) -> bool:
         return True
 
-    def after_step(self, params) -> None:
+    def after_step(self, params, optimizer=None) -> None:
         self.step += 1
         if self.local(self.step) and (self.step - self.begin_step + 1) % self.k_steps == 0:
-            average_parameters(params, self.group)
+            average_parameters(params, self.group, masters=_masters(optimizer))
             self.averages += 1
 
     def state_dict(self) -> dict:
@@ -58,17 +58,37 @@ class localsgd:
         self.step, self.averages = int(state["step"]), int(state.get("averages", 0))
 
 
-def average_parameters(params, group=None) -> None:
-    """Replace every parameter by its mean over `group`: one fused all-reduce per dtype."""
+def _masters(optimizer) -> dict:
+    """id(parameter) -> its float32 master weight, for an optimizer (or a wrapper of one) with
+    multi_precision (AMP O2); empty otherwise."""
+    seen = optimizer
+    for _ in range(8):
+        if seen is None or "_state" in getattr(seen, "__dict__", {}):
+            break
+        seen = getattr(seen, "inner", None)
+    state = getattr(seen, "_state", None) or {}
+    return {k: st["master"] for k, st in state.items() if "master" in st}
+
+
+def average_parameters(params, group=None, *, masters: dict | None = None) -> None:
+    """Replace every parameter by its mean over `group`: one fused all-reduce per dtype.
+
+    A parameter with a master weight in `masters` (id -> float32 array, AMP O2) is averaged
+    through its master, which is the copy the next update starts from; the parameter then
+    takes the averaged master's value."""
+    masters = masters or {}
     by_dtype: dict = {}
     for p in params:
-        by_dtype.setdefault(np.dtype(p.dtype), []).append(p)
+        arr = masters.get(id(p), p.data)
+        by_dtype.setdefault(np.dtype(arr.dtype), []).append((p, arr))
     for same in by_dtype.values():
-        xp = backend_of(same[0].data).xp
-        flat = xp.concatenate([p.data.reshape(-1) for p in same])
+        xp = backend_of(same[0][1]).xp
+        flat = xp.concatenate([a.reshape(-1) for _, a in same])
         _api.all_reduce(flat, op=_api.ReduceOp.AVG, group=group)
         pos = 0
-        for p in same:
-            n = p.data.size
-            p.data[...] = flat[pos:pos + n].reshape(p.data.shape)
+        for p, a in same:
+            n = a.size
+            a[...] = flat[pos:pos + n].reshape(a.shape)
+            if a is not p.data:
+                p.data[...] = a.astype(p.dtype)
             pos += n

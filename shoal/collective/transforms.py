@@ -3,9 +3,11 @@
 A transform is called as `transform(params) -> bool` before each optimizer step, with the
 trainable parameters (their `.grad` set by backward, and by DataParallel already averaged over
 ranks); it may change the gradients in place and returns False to skip this step's update
-(the transforms after it are then not called). A transform may also have `wants_sync()` (should
-the coming backward all-reduce?) and `after_step(params)` (called after an applied update, in
-the chain's order: LocalSGD averages the parameters there).
+(the transforms after it are then not called; a transform that skips for good, as AMP on an
+overflow, drops the gradients itself). A transform may also have `check()` (raises before any
+transform runs: AMP's "the loss was not scaled"), `wants_sync()` (should the coming backward
+all-reduce?) and `after_step(params, optimizer)` (called after an applied update, in the
+chain's order: LocalSGD averages the parameters there).
 `TransformedOptimizer` chains them in the order given, as the strategy lists them (STYLE.md
 §9: plain pieces in a visible order, no meta-optimizer search):
 
@@ -89,13 +91,16 @@ class TransformedOptimizer:
             object.__setattr__(self._model, "_merge_sync", sync)
 
     def step(self) -> None:
+        for t in self._transforms:   # refusals come before any transform changed its state
+            if hasattr(t, "check"):
+                t.check()
         params = [p for p in self._inner._params if getattr(p, "trainable", True)]
         self._applied = all(t(params) for t in self._transforms)
         if self._applied:
             self._inner.step()
             for t in self._transforms:
                 if hasattr(t, "after_step"):
-                    t.after_step(params)
+                    t.after_step(params, self._inner)
         self._set_sync()
 
     def clear_grad(self, set_to_zero: bool = False) -> None:
@@ -129,18 +134,33 @@ class TransformedOptimizer:
         self.scale(loss).backward()
         self.step()
 
+    def _names(self) -> list[str]:
+        return [type(t).__name__ for t in self._transforms]
+
     def state_dict(self) -> dict:
+        """The wrapped optimizer's state, plus "transforms": {transform name: its state}."""
         out = dict(self._inner.state_dict())
-        out["transforms"] = [t.state_dict() if hasattr(t, "state_dict") else {}
-                             for t in self._transforms]
+        out["transforms"] = {type(t).__name__: t.state_dict() if hasattr(t, "state_dict") else {}
+                             for t in self._transforms}
         return out
 
     def set_state_dict(self, state: dict) -> None:
+        """Load what `state_dict()` returned, for the same chain of transforms; a state of
+        another chain raises StateDictError and changes nothing (the wrapped optimizer checks
+        its own state before changing it; the transforms load after it)."""
+        from shoal.worker.errors import StateDictError
         state = dict(state)
-        for t, s in zip(self._transforms, state.pop("transforms", [])):
-            if hasattr(t, "set_state_dict"):
-                t.set_state_dict(s)
+        saved = state.pop("transforms", {})
+        if not isinstance(saved, dict) or sorted(saved) != sorted(self._names()):
+            got = sorted(saved) if isinstance(saved, dict) else type(saved).__name__
+            raise StateDictError(f"TransformedOptimizer.set_state_dict: the state was saved with "
+                                 f"the transforms {got}, this optimizer runs "
+                                 f"{sorted(self._names())}; load it into an optimizer built "
+                                 f"with the same strategy")
         self._inner.set_state_dict(state)
+        for t in self._transforms:
+            if hasattr(t, "set_state_dict"):
+                t.set_state_dict(saved[type(t).__name__])
         self._set_sync()
 
 

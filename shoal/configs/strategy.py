@@ -118,12 +118,9 @@ class DistributedStrategy(ConfigModel):
         clashes = _composition.conflicts(enabled)
         if clashes:
             message, at = clashes[0]
+            if len(clashes) > 1:
+                message += "; and " + "; and ".join(m for m, _ in clashes[1:])
             raise PydanticCustomError("contradiction", message, {"at": at})
-        if self.recompute and not self.recompute_configs.checkpoints:
-            raise PydanticCustomError(
-                "missing", "recompute=true needs recompute_configs.checkpoints: the names of the "
-                "layers to recompute (model.named_sublayers() lists them)",
-                {"at": "recompute_configs.checkpoints"})
         return self
 
     @property

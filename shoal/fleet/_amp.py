@@ -53,16 +53,21 @@ class AmpStep:
         """The gradients of this step come from a scaled loss elsewhere (another stage)."""
         self._scaled = True
 
-    def __call__(self, params) -> bool:
+    def check(self) -> None:
         if not self._scaled:
             raise FleetError("strategy.amp is on but the loss was not scaled before backward: "
                              "call opt.minimize(loss), or opt.scale(loss).backward() then "
                              "opt.step()")
+
+    def __call__(self, params) -> bool:
         self._scaled = False
         self.scaler.unscale_(_Params(params))
         finite = not self.scaler.found_inf
         self.scaler.update()
-        self.skipped += not finite
+        if not finite:   # the step is skipped for good: inf gradients must not accumulate on
+            self.skipped += 1
+            for p in params:
+                p._grad = None
         return finite
 
     def state_dict(self) -> dict:
@@ -86,8 +91,10 @@ class AutoCastLayer(Layer):
     def forward(self, *args, **kwargs):
         with self._cast:
             out = self._layers(*args, **kwargs)
-        if isinstance(out, tuple):
-            return tuple(_float32(o) for o in out)
+        if isinstance(out, (tuple, list)):
+            return type(out)(_float32(o) for o in out)
+        if isinstance(out, dict):
+            return {k: _float32(v) for k, v in out.items()}
         return _float32(out)
 
     def state_dict(self):

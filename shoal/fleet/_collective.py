@@ -74,6 +74,12 @@ class CollectiveRuntime(StrategyChoice):
         """`optimizer` with the strategy's optimizer pieces (lars/lamb, gradient_merge, amp,
         sharding, localsgd), in shoal.configs._composition's order."""
         from shoal.fleet._strategies import wrap_optimizer
+        w = getattr(self, "_wired", None)
+        if strategy is not None and w is not None and self.model is not None \
+                and isinstance(strategy, DistributedStrategy) and strategy != w.s:
+            raise FleetError(f"fleet.distributed_optimizer: its strategy differs from the one "
+                             f"fleet.distributed_model applied in {w.s.diff(strategy)}; pass "
+                             f"one strategy to fleet.init instead")
         self.set_strategy(strategy, "fleet.distributed_optimizer")
         self.optimizer = wrap_optimizer(self._wiring(), optimizer)
         return self.optimizer
@@ -81,11 +87,7 @@ class CollectiveRuntime(StrategyChoice):
     def _wiring(self):
         from shoal.fleet._strategies import Wiring
         w = getattr(self, "_wired", None)
-        if w is not None and w.s is not self.strategy and self.model is not None:
-            raise FleetError(f"fleet.distributed_optimizer: its strategy differs from the one "
-                             f"fleet.distributed_model applied in {w.s.diff(self.strategy)}; "
-                             f"pass the strategy to fleet.init instead")
-        if w is None or w.s is not self.strategy:
+        if w is None or w.s != self.strategy:
             w = self._wired = Wiring(self.strategy, self._dist.get_world_size())
         return w
 

@@ -30,6 +30,10 @@ class Wiring:
 def _recompute(w: Wiring, model):
     from shoal.worker.recompute import apply_recompute
     names = list(w.s.recompute_configs.checkpoints)
+    if not names:
+        raise FleetError("strategy.recompute is on but recompute_configs.checkpoints is empty: "
+                         "name the layers to recompute ([n for n, _ in "
+                         "model.named_sublayers()] lists them)")
     if w.s.pipeline:   # the names are the whole model's: this stage recomputes its own
         names = _stage_names(model, names)
     return apply_recompute(model, names)
@@ -58,11 +62,7 @@ def _amp_model(w: Wiring, model):
 
 
 def _pipeline(w: Wiring, model):
-    from shoal.collective.pipeline import PipelineLayer, PipelineParallel
-    if not isinstance(model, PipelineLayer):
-        raise FleetError(f"strategy.pipeline: fleet.distributed_model needs a PipelineLayer "
-                         f"(shoal.collective.PipelineLayer(layers, num_stages=...)), got "
-                         f"{type(model).__name__}")
+    from shoal.collective.pipeline import PipelineParallel
     stages = model.num_stages
     if w.world % stages:
         raise FleetError(f"strategy.pipeline: {stages} pipeline stages do not divide the "
@@ -106,6 +106,12 @@ def wrap_model(w: Wiring, model):
     """`model` with every enabled model piece applied in MODEL_ORDER, then DataParallel unless
     pipeline or sharding reduce the gradients themselves."""
     from shoal.collective import DataParallel
+    if w.s.pipeline:
+        from shoal.collective.pipeline import PipelineLayer
+        if not isinstance(model, PipelineLayer):
+            raise FleetError(f"strategy.pipeline: fleet.distributed_model needs a PipelineLayer "
+                             f"(shoal.collective.PipelineLayer(layers, num_stages=...)), got "
+                             f"{type(model).__name__}")
     for name in MODEL_ORDER:
         if getattr(w.s, name):
             model = _MODEL_PIECES[name](w, model)
@@ -117,7 +123,7 @@ def wrap_model(w: Wiring, model):
 
 # -- optimizer pieces ---------------------------------------------------------------------
 
-def _swap(optimizer, want: type, field: str):
+def _swap(optimizer, want: type, field: str, decay_field: str):
     if type(optimizer) is not want:
         raise FleetError(f"strategy.{field}: {field.upper()} replaces a {want.__name__} optimizer, "
                          f"got {type(optimizer).__name__}; build shoal.optimizer.{want.__name__}"
@@ -125,25 +131,42 @@ def _swap(optimizer, want: type, field: str):
     if optimizer._state:
         raise FleetError(f"strategy.{field}: the {want.__name__} optimizer has already stepped; "
                          f"call fleet.distributed_optimizer before training")
+    if optimizer.weight_decay:
+        raise FleetError(f"strategy.{field}: the {want.__name__} optimizer has weight_decay="
+                         f"{optimizer.weight_decay:g}, which {field.upper()} does not apply; set "
+                         f"{field}_configs.{decay_field} instead and build the optimizer without "
+                         f"weight_decay")
+
+
+def _carried(new, old):
+    """The settings the replacement keeps from the user's optimizer (AMP O2's master weights)."""
+    new.multi_precision = getattr(old, "multi_precision", False)
+    return new
 
 
 def _lars(w: Wiring, opt, transforms):
     from shoal.worker.optim import Lars, Momentum
-    _swap(opt, Momentum, "lars")
+    _swap(opt, Momentum, "lars", "lars_weight_decay")
+    if opt.use_nesterov:
+        raise FleetError("strategy.lars: the Momentum optimizer has use_nesterov=True, which "
+                         "LARS does not do; build Momentum without it or switch lars off")
     c = w.s.lars_configs
-    return Lars(opt._lr, momentum=opt.momentum, lars_coeff=c.lars_coeff,
-                lars_weight_decay=c.lars_weight_decay, parameters=opt._params,
-                grad_clip=opt.grad_clip, exclude_from_weight_decay=c.exclude_from_weight_decay,
-                epsilon=c.epsilon)
+    return _carried(Lars(opt._lr, momentum=opt.momentum, lars_coeff=c.lars_coeff,
+                         lars_weight_decay=c.lars_weight_decay, parameters=opt._params,
+                         grad_clip=opt.grad_clip,
+                         exclude_from_weight_decay=c.exclude_from_weight_decay,
+                         epsilon=c.epsilon), opt)
 
 
 def _lamb(w: Wiring, opt, transforms):
     from shoal.worker.optim import Adam, Lamb
-    _swap(opt, Adam, "lamb")
+    _swap(opt, Adam, "lamb", "lamb_weight_decay")
     c = w.s.lamb_configs
-    return Lamb(opt._lr, lamb_weight_decay=c.lamb_weight_decay, beta1=opt.beta1,
-                beta2=opt.beta2, epsilon=opt.epsilon, parameters=opt._params,
-                grad_clip=opt.grad_clip, exclude_from_weight_decay=c.exclude_from_weight_decay)
+    new = Lamb(opt._lr, lamb_weight_decay=c.lamb_weight_decay, beta1=opt.beta1,
+               beta2=opt.beta2, epsilon=opt.epsilon, parameters=opt._params,
+               grad_clip=opt.grad_clip, exclude_from_weight_decay=c.exclude_from_weight_decay)
+    new.lazy_mode = opt.lazy_mode
+    return _carried(new, opt)
 
 
 def _gradient_merge(w: Wiring, opt, transforms):

@@ -28,26 +28,33 @@ def is_grad_enabled() -> bool:
 
 
 class set_grad_enabled:
-    """Turn graph recording on or off in this thread; also a context manager and decorator."""
+    """Turn graph recording on or off in this thread; also a context manager and decorator.
+
+    A block restores the mode that was in force when it was entered (so one object may be
+    entered again later, or nested)."""
 
     def __init__(self, enabled: bool):
-        self.prev = is_grad_enabled()
+        self._before_call = is_grad_enabled()   # the call form changes the mode at once
         self.enabled = enabled
+        self._outer: list[bool] = []
         _mode.enabled = enabled
 
     def __enter__(self):
+        before, self._before_call = self._before_call, None
+        self._outer.append(is_grad_enabled() if before is None else before)
         _mode.enabled = self.enabled
         return self
 
     def __exit__(self, *exc):
-        _mode.enabled = self.prev
+        _mode.enabled = self._outer.pop()
 
     def __call__(self, fn):
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
             with set_grad_enabled(self.enabled):
                 return fn(*args, **kwargs)
-        _mode.enabled = self.prev  # the decorator form must not change the mode by itself
+        if self._before_call is not None:  # the decorator form must not change the mode itself
+            _mode.enabled, self._before_call = self._before_call, None
         return wrapper
 
 
@@ -55,16 +62,14 @@ class no_grad(set_grad_enabled):
     """Run without recording the graph: `with no_grad(): ...` or `@no_grad()`."""
 
     def __init__(self):
-        self.prev = is_grad_enabled()
-        self.enabled = False
+        self._before_call, self.enabled, self._outer = None, False, []
 
 
 class enable_grad(set_grad_enabled):
     """Record the graph again inside a `no_grad` block."""
 
     def __init__(self):
-        self.prev = is_grad_enabled()
-        self.enabled = True
+        self._before_call, self.enabled, self._outer = None, True, []
 
 
 class Function:

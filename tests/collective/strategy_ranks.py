@@ -134,3 +134,90 @@ def local_sgd_reference(k_steps: int, begin_step: int, steps: int, world: int = 
                     p.data[...] = mean
         history.append([_flat(m) for m in models])
     return history
+
+
+def amp_overflow() -> dict:
+    """fleet with amp (O1): rank 1's batch of step 1 holds an inf; every rank skips that step
+    alone, and the steps after it apply."""
+    import shoal
+    import shoal.fleet as fleet
+    import shoal.nn.functional as F
+    fleet.init(is_collective=True, collective_timeout=30, strategy=_strategy(
+        amp=True, amp_configs={"init_loss_scaling": 1024.0, "decr_every_n_nan_or_inf": 1}))
+    r, w = fleet.worker_index(), fleet.worker_num()
+    model = fleet.distributed_model(build(seed=0))
+    opt = fleet.distributed_optimizer(shoal.optimizer.SGD(0.1, parameters=model.parameters()))
+    amp_step = [t for t in opt._transforms if hasattr(t, "scaler")][0]
+    scale0 = amp_step.scaler.get_loss_scaling()
+    per = GLOBAL_BATCH // w
+    applied = []
+    for s in range(5):
+        x, y = data(s)
+        x = x[r * per:(r + 1) * per].copy()
+        if s == 1 and r == 1:
+            x[0, 0] = np.inf
+        loss = F.mse_loss(model(shoal.to_tensor(x), side=True),
+                          shoal.to_tensor(y[r * per:(r + 1) * per]))
+        opt.minimize(loss)
+        applied.append(not amp_step.scaler.found_inf)
+        opt.clear_grad()
+    out = {**_flat(model), "skipped": amp_step.skipped, "applied": applied, "scale0": scale0,
+           "scale": amp_step.scaler.get_loss_scaling()}
+    fleet.stop_worker()
+    return out
+
+
+def localsgd_o2() -> dict:
+    """amp O2 + localsgd every step: after each average the float32 masters agree."""
+    import shoal
+    import shoal.fleet as fleet
+    import shoal.nn.functional as F
+    fleet.init(is_collective=True, collective_timeout=30, strategy=_strategy(
+        amp=True, amp_configs={"use_pure_fp16": True}, localsgd=True,
+        localsgd_configs={"k_steps": 1, "begin_step": 1}))
+    r, w = fleet.worker_index(), fleet.worker_num()
+    model = fleet.distributed_model(build(seed=0))
+    opt = fleet.distributed_optimizer(shoal.optimizer.SGD(0.1, parameters=model.parameters()))
+    per = GLOBAL_BATCH // w
+    for s in range(3):
+        x, y = data(s)
+        out = model(shoal.to_tensor(x[r * per:(r + 1) * per]), side=True)
+        opt.minimize(F.mse_loss(out, shoal.to_tensor(y[r * per:(r + 1) * per])))
+        opt.clear_grad()
+    masters = {k: v for k, v in opt.inner.state_dict()["state"].items() if k.endswith(".master")}
+    result = {**_flat(model), "masters": {k: np.asarray(v).copy() for k, v in masters.items()}}
+    fleet.stop_worker()
+    return result
+
+
+def swap_refused(kind: str, kw: dict) -> str:
+    import shoal
+    import shoal.fleet as fleet
+    from shoal.fleet.errors import FleetError
+    fleet.init(is_collective=True, strategy=_strategy(**{kind: True}), collective_timeout=30)
+    model = fleet.distributed_model(build(seed=0))
+    make = shoal.optimizer.Momentum if kind == "lars" else shoal.optimizer.Adam
+    try:
+        fleet.distributed_optimizer(make(0.1, parameters=model.parameters(), **kw))
+        return "no error"
+    except FleetError as e:
+        return str(e)
+    finally:
+        fleet.stop_worker()
+
+
+def same_strategy_twice() -> str:
+    import shoal
+    import shoal.fleet as fleet
+    from shoal.configs import DistributedStrategy
+    fleet.init(is_collective=True, strategy=DistributedStrategy.load("gradient_merge"),
+               collective_timeout=30)
+    model = fleet.distributed_model(build(seed=0))
+    try:
+        fleet.distributed_optimizer(shoal.optimizer.SGD(0.1, parameters=model.parameters()),
+                                    DistributedStrategy.load("gradient_merge"))
+        return "ok"
+    except Exception as e:   # noqa: BLE001 - the test shows what was raised
+        return f"{type(e).__name__}: {e}"
+    finally:
+        fleet.stop_worker()

@@ -80,9 +80,64 @@ def test_the_order_lists_every_collective_strategy_once():
         < OPTIMIZER_ORDER.index("sharding") < OPTIMIZER_ORDER.index("localsgd")
 
 
-def test_recompute_without_checkpoints_is_refused():
-    with pytest.raises(StrategyError, match="recompute_configs.checkpoints"):
-        DistributedStrategy(recompute=True)
+def test_recompute_without_checkpoints_is_refused_when_applied():
+    import shoal.nn as nn
+    from shoal.fleet._strategies import Wiring, wrap_model
+    from shoal.fleet.errors import FleetError
+    s = DistributedStrategy()
+    s.recompute = True                       # Paddle's order: the switch, then the configs
+    s.recompute_configs = {"checkpoints": ["0"]}
+    with pytest.raises(FleetError, match="recompute_configs.checkpoints is empty"):
+        wrap_model(Wiring(DistributedStrategy(recompute=True), 1), nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_every_clash_is_reported_at_once():
+    with pytest.raises(StrategyError) as e:
+        DistributedStrategy(pipeline=True, sharding=True, gradient_merge=True)
+    text = str(e.value)
+    assert "pipeline=true contradicts sharding=true" in text
+    assert "pipeline=true contradicts gradient_merge=true" in text
+
+
+def test_amp_with_pipeline_needs_a_pipeline_layer():
+    import shoal.nn as nn
+    from shoal.fleet._strategies import Wiring, wrap_model
+    from shoal.fleet.errors import FleetError
+    with pytest.raises(FleetError, match="needs a PipelineLayer"):
+        wrap_model(Wiring(DistributedStrategy(amp=True, pipeline=True), 2), nn.Linear(2, 2))
+
+
+def test_an_overflow_is_skipped_and_training_goes_on():
+    r0, r1 = spawn(strategy_ranks.amp_overflow, nprocs=2, timeout=120)
+    for out in (r0, r1):
+        assert out["skipped"] == 1                       # only the step with the inf
+        assert out["applied"] == [True, False, True, True, True]
+        assert out["scale"] < out["scale0"]
+    for k in _params(r0):
+        np.testing.assert_array_equal(r0[k], r1[k], err_msg=k)
+        assert np.isfinite(r0[k]).all()
+
+
+def test_localsgd_under_amp_o2_averages_the_master_weights():
+    r0, r1 = spawn(strategy_ranks.localsgd_o2, nprocs=2, timeout=120)
+    assert r0["masters"] and r0["masters"].keys() == r1["masters"].keys()
+    for k in r0["masters"]:   # averaged every step: the masters the next update uses agree
+        np.testing.assert_array_equal(r0["masters"][k], r1["masters"][k], err_msg=k)
+    for k in _params(r0):
+        np.testing.assert_array_equal(r0[k], r1[k], err_msg=k)
+
+
+def test_swaps_refuse_settings_they_cannot_honour():
+    for kind, kw, needle in [("lars", {"use_nesterov": True}, "use_nesterov"),
+                             ("lars", {"weight_decay": 0.01}, "lars_configs.lars_weight_decay"),
+                             ("lamb", {"weight_decay": 0.01}, "lamb_configs.lamb_weight_decay")]:
+        message, = spawn(strategy_ranks.swap_refused, (kind, kw), nprocs=1, timeout=60)
+        assert needle in message, message
+
+
+def test_an_equal_strategy_given_again_to_distributed_optimizer_is_accepted():
+    out, = spawn(strategy_ranks.same_strategy_twice, nprocs=1, timeout=60)
+    assert out == "ok", out
 
 
 def test_collective_presets_load_and_switch_on_their_strategy():
@@ -97,3 +152,31 @@ def test_collective_presets_load_and_switch_on_their_strategy():
     assert DistributedStrategy.load("sharding_stage2").sharding_configs.stage == 2
     assert DistributedStrategy.load("pipeline_fthenb").pipeline_configs.schedule_mode == "FThenB"
     assert DistributedStrategy.load("amp_o2").amp_configs.use_pure_fp16
+
+
+def test_a_transformed_optimizers_state_loads_only_into_the_same_chain():
+    import shoal
+    import shoal.nn as nn
+    from shoal.collective import TransformedOptimizer, gradient_merge
+    from shoal.collective.localsgd import localsgd
+    from shoal.worker.errors import StateDictError
+
+    def chain(*transforms):
+        layer = nn.Linear(3, 2)
+        return TransformedOptimizer(shoal.optimizer.Adam(0.1, parameters=layer.parameters()),
+                                    list(transforms))
+    a = chain(gradient_merge(2))
+    a._transforms[0].count = 5
+    state = a.state_dict()
+    b = chain(gradient_merge(2))
+    b.set_state_dict(state)
+    assert b._transforms[0].count == 5
+    c = chain(gradient_merge(2), localsgd(2))
+    with pytest.raises(StateDictError, match="gradient_merge"):
+        c.set_state_dict(state)
+    assert c._transforms[0].count == 0                 # nothing changed
+    d = chain(gradient_merge(2))
+    bad = dict(state, num_params=7)                    # the inner optimizer refuses it
+    with pytest.raises(StateDictError):
+        d.set_state_dict(bad)
+    assert d._transforms[0].count == 0

@@ -440,3 +440,28 @@ def test_decorate_shapes_and_save_dtype():
         amp.decorate(nn.Linear(2, 2), save_dtype="int8")
     with pytest.raises(amp.AmpError, match="models"):
         amp.decorate("model")
+
+
+def test_one_auto_cast_object_entered_by_two_threads_keeps_each_threads_policy():
+    import threading
+    from shoal import amp
+    shared, seen = amp.auto_cast(level="O1"), {}
+    inside = threading.Barrier(2)
+
+    def run(name, outer):
+        def body():
+            with shared:
+                inside.wait()          # both threads are inside the shared object at once
+            seen[name] = amp.amp_level()
+        if outer is None:
+            body()
+        else:
+            with amp.auto_cast(level=outer):
+                body()
+    threads = [threading.Thread(target=run, args=("A", None)),
+               threading.Thread(target=run, args=("B", "O2"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert seen == {"A": amp.AmpLevel.O0, "B": amp.AmpLevel.O2}

@@ -497,3 +497,30 @@ def test_parameters_get_their_gradients_as_soon_as_their_layer_is_done():
     got = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]
     assert got == ["grad fc2", "backward below fc2", "grad fc1", "backward below fc1",
                    "grad fc0"], events
+
+
+def test_a_grad_mode_block_restores_the_mode_of_its_entry_not_of_its_construction():
+    from shoal.worker.autograd import enable_grad, is_grad_enabled, no_grad, set_grad_enabled
+    eg = enable_grad()                       # built while recording
+    with no_grad():
+        with eg:
+            assert is_grad_enabled()
+        assert not is_grad_enabled()         # back to the no_grad it was entered in
+    ng = no_grad()
+    with ng:
+        with ng:                             # nested entries of one object
+            assert not is_grad_enabled()
+        assert not is_grad_enabled()
+    assert is_grad_enabled()
+    with set_grad_enabled(False):
+        assert not is_grad_enabled()
+    assert is_grad_enabled()
+    set_grad_enabled(False)                  # the call form switches at once
+    assert not is_grad_enabled()
+    set_grad_enabled(True)
+    assert is_grad_enabled()
+
+    @no_grad()
+    def f():
+        return is_grad_enabled()
+    assert not f() and is_grad_enabled()

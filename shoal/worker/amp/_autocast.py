@@ -168,15 +168,15 @@ class auto_cast:
             self._policy = None
         else:
             self._policy = _Policy(lv, (WHITE_LIST - black) | white, (BLACK_LIST - white) | black)
-        self._saved: list = []
+        self._saved = threading.local()   # per thread: one object may be entered by several
 
     def __enter__(self) -> auto_cast:
-        self._saved.append(getattr(_local, "policy", None))
+        self._saved.__dict__.setdefault("stack", []).append(getattr(_local, "policy", None))
         _local.policy = self._policy
         return self
 
     def __exit__(self, *exc) -> None:
-        _local.policy = self._saved.pop()
+        _local.policy = self._saved.stack.pop()
 
     def __call__(self, fn):
         @functools.wraps(fn)
@@ -190,15 +190,15 @@ class _PolicyScope:
     """Reinstates one auto_cast policy (None: off) for a block; reusable and nestable."""
 
     def __init__(self, policy):
-        self._policy, self._saved = policy, []
+        self._policy, self._saved = policy, threading.local()
 
     def __enter__(self):
-        self._saved.append(getattr(_local, "policy", None))
+        self._saved.__dict__.setdefault("stack", []).append(getattr(_local, "policy", None))
         _local.policy = self._policy
         return self
 
     def __exit__(self, *exc) -> None:
-        _local.policy = self._saved.pop()
+        _local.policy = self._saved.stack.pop()
 
 
 def capture_policy() -> _PolicyScope:

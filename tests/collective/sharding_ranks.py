@@ -2,9 +2,19 @@
 sharded model side by side, from the same weights on the same data, and returns both."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 IN, HIDDEN, OUT = 6, 10, 3
+
+
+def _init(shm: bool) -> None:
+    """init_parallel_env, with the group's shared memory off where `shm` is False (then stage
+    2 reduces over Gloo: reduce to the owner, reduce_scatter)."""
+    import shoal.collective as dist
+    os.environ["SHOAL_SHM"] = "1" if shm else "0"
+    dist.init_parallel_env(timeout=60)
 
 
 def data(step: int, batch: int):
@@ -59,12 +69,13 @@ def _state(model) -> dict:
     return {k: v.numpy() for k, v in model.state_dict().items()}
 
 
-def compare(configs: list, steps: int = 5, batch: int = 12, hybrid_degree: int = 0) -> list:
+def compare(configs: list, steps: int = 5, batch: int = 12, hybrid_degree: int = 0,
+            shm: bool = True) -> list:
     """For each (stage, clip_norm, fuse_mb): DataParallel+Adam and sharded+Adam, `steps` steps.
     With `hybrid_degree`, sharding over groups of that many ranks, data parallel across them."""
     import shoal
     import shoal.collective as dist
-    dist.init_parallel_env(timeout=60)
+    _init(shm)
     r, w = dist.get_rank(), dist.get_world_size()
     group = dp_group = None
     if hybrid_degree:
@@ -85,7 +96,7 @@ def compare(configs: list, steps: int = 5, batch: int = 12, hybrid_degree: int =
                "owned": sorted(names[id(p)] for p in sh.owned_parameters()),
                "state_params": sorted(names[id(opt.inner._params[int(k.split('.')[0])])]
                                       for k in sd["state"] if k.endswith(".step")),
-               "buckets": len(sh._buckets)}
+               "buckets": len(sh._buckets), "shm": bool(getattr(sh._group, "uses_shm", False))}
         opt.set_state_dict(sd)   # the same layout loads
         layout = sd["sharding"]
         bad = dict(sd, sharding=dict(layout, sharding_rank=1 - layout["sharding_rank"]))
@@ -156,14 +167,14 @@ def accumulated(stage: int, steps: int = 3, batch: int = 8) -> dict:
     return out
 
 
-def memory(steps: int = 3, layers: int = 12, width: int = 24) -> dict:
+def memory(steps: int = 3, layers: int = 12, width: int = 24, shm: bool = True) -> dict:
     """Peak held bytes (sampled from gradient hooks during backward, and after it, from the
     second step on) of plain DataParallel and of stage 2, both with Adam and small buckets."""
     import shoal
     import shoal.collective as dist
     import shoal.nn as nn
     import shoal.nn.functional as F
-    dist.init_parallel_env(timeout=60)
+    _init(shm)
     r = dist.get_rank()
     fuse_mb = 2.5 * width * width * 4 / (1 << 20)   # about two weights a bucket
 
@@ -232,5 +243,68 @@ def bad_inputs() -> dict:
     built = dist.ShardedDataParallel.from_config(build(seed=0), ShardingConfig(sharding_degree=2,
                                                                                stage=2))
     out["from_config"] = (built.stage, built._group.size, built._dp is None)
+    dist.destroy_process_group()
+    return out
+
+
+def _peaks(model, opt, probe, steps: int, width: int, rank: int) -> dict:
+    """Train `steps` steps on random data; the peak of `probe()` (held bytes) sampled after
+    every gradient hook and after each backward and update, from the second step on."""
+    import shoal
+    import shoal.nn.functional as F
+    samples = []
+    hooks = [p.register_post_accumulate_grad_hook(lambda _p: samples.append(probe()))
+             for p in model.parameters()]
+    rng = np.random.default_rng(rank)
+    after_backward = None
+    for step in range(steps):
+        if step == 1:   # step 0 warms up: the launch order is learned, Adam's state made
+            samples.clear()
+        x = shoal.to_tensor(rng.normal(size=(8, width)).astype(np.float32))
+        F.mse_loss(model(x), shoal.to_tensor(np.zeros((8, width), np.float32))).backward()
+        after_backward = probe()
+        samples.append(after_backward)
+        opt.step()
+        samples.append(probe())
+        opt.clear_grad()
+    for h in hooks:
+        h.remove()
+    return {"grads+state": max(s["grads"] + s["optimizer_state"] for s in samples),
+            "grads": max(s["grads"] for s in samples),
+            "grads_after_backward": after_backward["grads"]}
+
+
+def big(shm: bool, steps: int = 4, layers: int = 6, width: int = 48) -> dict:
+    """A model whose every weight is bigger than the bucket limit (a bucket of its own, with
+    one owner), biases included: DataParallel, stage 1 and stage 2 from the same weights on
+    the same data; their final weights, peaks of held bytes and the bucket layout."""
+    import shoal
+    import shoal.collective as dist
+    import shoal.nn as nn
+    _init(shm)
+    r = dist.get_rank()
+    fuse_mb = 0.5 * width * width * 4 / (1 << 20)   # half a weight
+
+    def net():
+        shoal.seed(0)
+        return nn.Sequential(*[nn.Linear(width, width) for _ in range(layers)])
+    out = {}
+    for kind in ("dp", "stage1", "stage2"):
+        if kind == "dp":
+            model = dist.DataParallel(net(), fuse_grad_size_in_MB=fuse_mb)
+            opt = shoal.optimizer.Adam(0.01, parameters=model.parameters())
+            probe = lambda: dist.held_bytes(model, opt)   # noqa: E731
+        else:
+            model = dist.ShardedDataParallel(net(), stage=int(kind[-1]),
+                                             fuse_grad_size_in_MB=fuse_mb)
+            opt = dist.ShardingOptimizer(shoal.optimizer.Adam(0.01, parameters=model.parameters()),
+                                         model)
+            probe = opt.held_bytes
+            out[kind + "_owned_bytes"] = sum(p.data.nbytes for p in model.owned_parameters())
+            out[kind + "_owned_params"] = len(model.owned_parameters())
+            out["bucket_owners"] = [b.owner for b in model._buckets]
+            out["bucket_bytes"] = max(b.length * 4 for b in model._buckets)
+        out[kind] = _peaks(model, opt, probe, steps, width, r)
+        out[kind + "_state"] = _state(model)
     dist.destroy_process_group()
     return out

@@ -48,9 +48,24 @@ def test_stage1_and_stage2_on_two_ranks_equal_data_parallel_with_adam_and_clippi
     assert not np.allclose(clipped["fc1.weight"], plain["fc1.weight"], atol=1e-4)
 
 
-def test_stage2_on_three_ranks_uneven_split_equals_data_parallel():
+def test_over_gloo_without_shared_memory_reduce_and_reduce_scatter_equal_data_parallel():
+    # SHOAL_SHM=0: stage 2 reduces each unequal segment to its owner, reduce-scatters equal ones
     configs = [(2, None, 32), (2, 0.05, 0.0003), (1, None, 0.0003)]
-    per_rank = spawn(sharding_ranks.compare, (configs,), nprocs=3, timeout=180)
+    per_rank = spawn(sharding_ranks.compare, (configs, 5, 12, 0, False), nprocs=2, timeout=180)
+    for c in range(len(configs)):
+        results = [rank[c] for rank in per_rank]
+        for out in results:
+            _same(out["sh"], out["dp"])
+            assert out["shm"] is False
+        for k in PARAMS:
+            np.testing.assert_array_equal(results[0]["sh"][k], results[1]["sh"][k], err_msg=k)
+        _check_partition(results)
+
+
+@pytest.mark.parametrize("shm", [True, False])
+def test_stage2_on_three_ranks_uneven_split_equals_data_parallel(shm):
+    configs = [(2, None, 32), (2, 0.05, 0.0003), (1, None, 0.0003)]
+    per_rank = spawn(sharding_ranks.compare, (configs, 5, 12, 0, shm), nprocs=3, timeout=180)
     for c in range(len(configs)):
         results = [rank[c] for rank in per_rank]
         for out in results:
@@ -86,14 +101,39 @@ def test_no_sync_accumulates_locally_and_the_next_backward_reduces_it(stage):
         assert out["sh_seqs"][0::2] == [0, 0, 0] and all(n > 0 for n in out["sh_seqs"][1::2])
 
 
-def test_stage2_holds_well_under_data_parallel_gradient_and_state_memory():
-    r0, r1 = spawn(sharding_ranks.memory, nprocs=2, timeout=180)
+@pytest.mark.parametrize("shm", [True, False])
+def test_stage2_holds_well_under_data_parallel_gradient_and_state_memory(shm):
+    r0, r1 = spawn(sharding_ranks.memory, (3, 12, 24, shm), nprocs=2, timeout=180)
     for out in (r0, r1):
         dp, sh = out["dp"], out["stage2"]
         assert sh["grads+state"] < 0.7 * dp["grads+state"], out
         assert dp["state"] == 2 * out["param_bytes"]    # Adam: two moments of every parameter
         assert sh["state"] == out["param_bytes"]        # ... of half of them (12 equal weights)
         assert sh["params"] == dp["params"] == out["param_bytes"]
+
+
+@pytest.mark.parametrize("shm", [True, False])
+def test_one_big_parameter_per_bucket_equals_data_parallel_and_holds_only_a_shard(shm):
+    width, layers = 48, 6
+    r0, r1 = spawn(sharding_ranks.big, (shm,), nprocs=2, timeout=180)
+    weight = width * width * 4
+    for out in (r0, r1):
+        assert all(o is not None for o in out["bucket_owners"])   # one owner a bucket
+        assert out["bucket_bytes"] == weight + 4                   # no padding: weight + flag
+        for kind in ("stage1", "stage2"):
+            state = out[kind + "_state"]
+            for k, v in out["dp_state"].items():
+                np.testing.assert_allclose(state[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{kind} {k}")
+        dp, sh = out["dp"], out["stage2"]
+        # after backward a rank holds exactly its shard (its parameters and their flags)
+        assert sh["grads_after_backward"] == out["stage2_owned_bytes"] + 4 * out["stage2_owned_params"]
+        # during it: the shard plus O(bucket) (the bucket being filled and those in flight)
+        assert sh["grads"] <= out["stage2_owned_bytes"] + 3 * out["bucket_bytes"], out
+        assert sh["grads+state"] <= 0.55 * dp["grads+state"], (sh, dp)
+    for k in r0["stage2_state"]:   # the replicas agree bit for bit after the gather
+        np.testing.assert_array_equal(r0["stage2_state"][k], r1["stage2_state"][k], err_msg=k)
+    assert r0["stage2_owned_bytes"] + r1["stage2_owned_bytes"] == layers * (weight + width * 4)
+    assert abs(r0["stage2_owned_bytes"] - r1["stage2_owned_bytes"]) <= weight
 
 
 def test_bad_inputs_raise_typed_errors_with_the_fix():

@@ -8,8 +8,8 @@
     loss_fn(model(x), y).backward(); opt.step(); opt.clear_grad()
 
 Stage 1 shards the optimizer state (each rank updates the parameters it owns, then they are
-all-gathered); stage 2 also shards the gradients (reduce-scattered during backward, a rank
-keeping only its own). `ShardedDataParallel.from_config(net, strategy.sharding_configs)` builds
+broadcast by their owners); stage 2 also shards the gradients (reduced to their owners during
+backward, a rank keeping only its own). `ShardedDataParallel.from_config(net, strategy.sharding_configs)` builds
 the groups from a strategy. `held_bytes(model, optimizer)` reports what a rank holds, for
 DataParallel too.
 """

@@ -6,13 +6,18 @@
     loss_fn(model(x), y).backward(); opt.step(); opt.clear_grad()
 
 Every trainable parameter is owned by one rank of the sharding group (see `_plan`). Gradients
-are fused into buckets laid out as one segment per rank; a bucket starts its collective as
-soon as every gradient in it is ready (bucket i only after the buckets before it, as in
-DataParallel, so ranks issue the same sequence). Stage 1 all-reduces the whole bucket and every
-parameter gets the averaged gradient. Stage 2 reduce-scatters it: a rank keeps only its own
-segment, so the owned parameters' `.grad` are views of it and the others' are None; the full
-gradients of a bucket are dropped the moment its collective starts. With a `dp_group` the
-result is also averaged over the ranks that hold the same shard in the other sharding groups.
+are fused into buckets laid out as one segment per owner, back to back (no padding): a
+parameter's full gradient is copied into its bucket by its gradient hook and dropped there. A
+bucket starts its collective as soon as every gradient in it is ready (bucket i only after the
+buckets before it, in an order learned on the first pass, so ranks issue the same sequence).
+Stage 1 all-reduces the whole bucket and every parameter gets the averaged gradient. Stage 2
+keeps only a rank's own segment: a bucket of one owner is reduced to it, equal segments are
+reduce-scattered, unequal ones reduced to their owners one by one (through shared memory, all
+of them are all-reduced, which is faster there, and the rest dropped). At most `_IN_FLIGHT`
+buckets are in flight, and a finished one frees its buffer at the next gradient hook, so a
+rank holds its shard plus O(bucket). The owned parameters' `.grad` are views of the shard and
+the others' are None. With a `dp_group` the result is also averaged over the ranks that hold
+the same shard in the other sharding groups.
 """
 from __future__ import annotations
 

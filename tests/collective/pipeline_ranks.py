@@ -75,7 +75,11 @@ def train_pipeline(steps: int, mode: str, dp: int, cuts, lr: float = 0.1) -> dic
            "stage": pipe.stage, "dp_index": dp_index, "eval_loss": eval_loss,
            "eval_out": eval_out, "ran": [name for name, *_ in timeline["instructions"]],
            "expected": expected, "wall_s": timeline["wall_s"],
-           "compute_s": timeline["compute_s"]}
+           "compute_s": timeline["compute_s"],
+           "links": [None if g is None else (g.id, list(g.ranks)) for g in
+                     (model._links.fwd_in, model._links.fwd_out, model._links.bwd_in,
+                      model._links.bwd_out)] if stages > 1 else [],
+           "pp_id": model.pp_group.id, "ahead": model._ahead}
     dist.destroy_process_group()
     return out
 
@@ -99,6 +103,10 @@ def dead_stage(timeout: float) -> dict:
         except dist.CollectiveError as e:
             out["error"] = type(e).__name__
         out["waited"] = time.monotonic() - start
+        try:   # the failed batch's messages may still be in flight: no further batch
+            model.train_batch(data(1), opt)
+        except dist.CollectiveError as e:
+            out["again"] = type(e).__name__
     dist.destroy_process_group()
     return out
 
@@ -121,3 +129,75 @@ class HalvingScaler:
 
     def update(self):
         self.updates += 1
+
+
+# batches of (dtype, shape, count): the header repeats, changes (shape, then dtype), repeats
+CHANNEL_BATCHES = [("float32", (4, 3), 3), ("float32", (4, 3), 2), ("float64", (2, 5), 2),
+                   ("float64", (2, 5), 1), ("float32", (4, 3), 2), ("int64", (4, 3), 1)]
+
+
+def channel_array(batch: int, mb: int):
+    dtype, shape, _ = CHANNEL_BATCHES[batch]
+    return (np.arange(int(np.prod(shape))).reshape(shape) + 100 * batch + mb).astype(dtype)
+
+
+def channel(ahead: bool) -> dict:
+    """Rank 0 sends CHANNEL_BATCHES through an ActivationSender, rank 1 receives them through
+    an ActivationReceiver (posting ahead or not), over one link group of each direction."""
+    import shoal.collective as dist
+    from shoal.collective.pipeline import _comm
+    dist.init_parallel_env(timeout=30)
+    rank = dist.get_rank()
+    (fwd, _), = _comm.build_links([[0, 1]])
+    out = {"received": [], "error": None}
+    if rank == 0:
+        sender = _comm.ActivationSender(_comm.Outbox(fwd, 1), "test output")
+        for b, (_, _, n) in enumerate(CHANNEL_BATCHES):
+            sender.begin_batch()
+            for mb in range(n):
+                sender.send(channel_array(b, mb), mb)
+            sender.outbox.drain()
+        sender.begin_batch()
+        sender.send(np.zeros((4, 3), np.int64), 0)
+        try:   # a micro-batch that does not match its batch's header: refused before sending
+            sender.send(np.zeros((5, 3), np.int64), 1)
+        except dist.InvalidArgumentError as e:
+            out["error"] = str(e)
+        sender.outbox.drain()
+    else:
+        receiver = _comm.ActivationReceiver(_comm.Inbox(fwd, 0))
+        for b, (_, _, n) in enumerate(CHANNEL_BATCHES + [("int64", (4, 3), 1)]):
+            receiver.begin_batch(ahead)
+            got = []
+            for mb in range(n):
+                if ahead:
+                    receiver.post(block=mb == 0)
+                got.append(receiver.take())
+            out["received"].append(got)
+    dist.destroy_process_group()
+    return out
+
+
+def subgroup_pipeline(steps: int) -> dict:
+    """Ranks 0 and 1 of a world of 3 are a 2-stage pipeline over pp_group = new_group([0, 1])
+    (not the world, no links given: both directions share pp_group); rank 2 only builds the
+    group with them."""
+    import shoal
+    import shoal.collective as dist
+    import shoal.nn.functional as F
+    dist.init_parallel_env(timeout=60)
+    pp = dist.new_group([0, 1])
+    if dist.get_rank() == 2:
+        dist.destroy_process_group()
+        return {}
+    pipe = dist.PipelineLayer(build_layers(0), num_stages=2, seg_method=[2], loss_fn=F.mse_loss)
+    model = dist.PipelineParallel(pipe, micro_batch_size=MICRO, accumulate_steps=BATCH // MICRO,
+                                  pp_group=pp)
+    opt = shoal.optimizer.Momentum(0.1, parameters=model.parameters())
+    losses = [model.train_batch(data(s), opt) for s in range(steps)]
+    x, y = data(steps)
+    out = {"state": {k: v.numpy() for k, v in model.state_dict().items()}, "losses": losses,
+           "eval_loss": model.eval_batch((x, y)), "eval_out": model.eval_batch(x, False),
+           "ahead": model._ahead}
+    dist.destroy_process_group()
+    return out

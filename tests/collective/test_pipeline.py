@@ -29,8 +29,17 @@ def _matches(results, ref, per):
         np.testing.assert_allclose(out["eval_out"], ref["eval_out"][d * per:(d + 1) * per],
                                    rtol=1e-5, atol=1e-6)
         assert out["ran"] == out["expected"]        # the executor ran exactly the schedule
+        assert out["ahead"]                         # receives posted ahead over own links
         assert 0 < out["compute_s"] < out["wall_s"]
     assert keys == set(ref["state"])                # the stages together hold the whole model
+    stages = len(results) // len({out["dp_index"] for out in results})
+    for out in results:   # one group per direction and neighbour: [fwd_in, fwd_out, bwd_in, bwd_out]
+        rank, s = out["dp_index"] * stages + out["stage"], out["stage"]
+        prev = [sorted([rank - 1, rank])] * 2 if s > 0 else [None, None]
+        nxt = [sorted([rank, rank + 1])] * 2 if s < stages - 1 else [None, None]
+        assert [l and l[1] for l in out["links"]] == [prev[0], nxt[0], nxt[1], prev[1]]
+        ids = [l[0] for l in out["links"] if l is not None] + [out["pp_id"]]
+        assert len(set(ids)) == len(ids)            # none shared, none the pipeline group
 
 
 @pytest.mark.parametrize("mode", ["1F1B", "FThenB"])
@@ -63,6 +72,37 @@ def test_a_dead_stage_raises_instead_of_hanging():
     r0, _ = spawn(pipeline_ranks.dead_stage, (3.0,), nprocs=2, timeout=120)
     assert r0["error"] == "CollectiveTimeoutError", r0
     assert r0["waited"] < 30
+    assert r0["again"] == "GroupBrokenError", r0   # no batch after one that failed midway
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_activations_cross_with_one_header_per_batch_whatever_the_shapes(ahead):
+    sent, received = spawn(pipeline_ranks.channel, (ahead,), nprocs=2, timeout=120)
+    batches = pipeline_ranks.CHANNEL_BATCHES + [("int64", (4, 3), 1)]
+    assert len(received["received"]) == len(batches)
+    for b, got in enumerate(received["received"]):
+        dtype, shape, n = batches[b]
+        assert len(got) == n
+        for mb, a in enumerate(got):
+            last = b == len(batches) - 1          # the batch whose second send was refused
+            want = np.zeros(shape, dtype) if last else pipeline_ranks.channel_array(b, mb)
+            assert a.dtype == np.dtype(dtype) and a.shape == shape, (b, mb)
+            np.testing.assert_array_equal(a, want, err_msg=f"batch {b}, micro-batch {mb}")
+    assert "micro-batch 1 is int64[5, 3] but this batch's first was int64[4, 3]" in \
+        sent["error"]
+
+
+def test_a_pipeline_group_short_of_the_world_shares_it_for_both_directions(reference):
+    results = spawn(pipeline_ranks.subgroup_pipeline, (STEPS,), nprocs=3, timeout=180)
+    for out in results[:2]:
+        assert out["ahead"] is False
+        for k, v in out["state"].items():
+            np.testing.assert_allclose(v, reference["state"][k], rtol=1e-5, atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(out["losses"], reference["losses"], rtol=1e-5)
+        np.testing.assert_allclose(out["eval_loss"], reference["eval_loss"], rtol=1e-5)
+        np.testing.assert_allclose(out["eval_out"], reference["eval_out"], rtol=1e-5, atol=1e-6)
+    assert sorted(results[0]["state"]) + sorted(results[1]["state"]) == sorted(
+        reference["state"])
 
 
 def test_bad_batch_sizes_and_a_missing_loss_raise_before_anything_is_sent():
@@ -91,6 +131,12 @@ def test_bad_batch_sizes_and_a_missing_loss_raise_before_anything_is_sent():
         with pytest.raises(dist.InvalidArgumentError, match="accumulate_steps=0"):
             dist.PipelineParallel(dist.PipelineLayer(layers, 1), micro_batch_size=4,
                                   accumulate_steps=0)
+        from shoal.collective.pipeline._comm import Links
+        with pytest.raises(dist.InvalidArgumentError,
+                           match=r"links.fwd_in\): expected None \(no neighbour there\) for "
+                                 r"stage 0, got \[0\]"):
+            dist.PipelineParallel(dist.PipelineLayer(layers, 1), micro_batch_size=4,
+                                  accumulate_steps=4, links=Links(fwd_in=dist.new_group([0])))
         with pytest.raises(dist.InvalidArgumentError, match=r"2 \* 1"):
             dist.PipelineParallel.from_world(dist.PipelineLayer(layers, 2, stage=0),
                                              micro_batch_size=4, accumulate_steps=4)

@@ -117,21 +117,29 @@ class Inbox:
 
 
 class ActivationSender:
-    """An Outbox for activations: the header (dtype, shape) goes once per batch, before the
-    batch's first activation; every later activation of the batch must match it."""
+    """An Outbox for activations. Per batch, the header (dtype, shape) goes before the batch's
+    first activation; every later activation of the batch must match it. The receiver guesses
+    that a batch repeats the last one's header and posts the first activation's receive with
+    it at once: when the header changed, a filler of the last header's shape goes between the
+    header and the activation, to fill that guess (both ends follow the same rule)."""
 
     def __init__(self, outbox: Outbox, what: str):
         self.outbox, self.what = outbox, what
-        self._head: np.ndarray | None = None
+        self._head: np.ndarray | None = None   # this batch's
+        self._last: np.ndarray | None = None   # the last batch's (what the receiver guesses)
 
     def begin_batch(self) -> None:
         self._head = None
 
     def send(self, array, micro_batch: int) -> None:
+        """Send micro-batch `micro_batch`'s activation (asynchronously, see Outbox); raises
+        InvalidArgumentError (nothing sent) when it does not match the batch's header."""
         head = _header(array, self.what)
         if self._head is None:
             self.outbox.send(head)
-            self._head = head
+            if self._last is not None and not np.array_equal(head, self._last):
+                self.outbox.send(_empty_from(self._last, default_backend().xp))
+            self._head = self._last = head
         elif not np.array_equal(head, self._head):
             raise InvalidArgumentError(
                 f"{self.what} for micro-batch {micro_batch} is {_describe(head)} but this "
@@ -141,24 +149,31 @@ class ActivationSender:
 
 
 class ActivationReceiver:
-    """An Inbox for what an ActivationSender sends: `begin_batch` posts the header's receive;
-    once the header is in, `post()` can post activations ahead (buffers of its shape)."""
+    """An Inbox for what an ActivationSender sends. The batch's header is received first
+    (posted by `begin_batch(ahead=True)`, else by the first `take`), with the first
+    activation's receive guessed from the last batch's header; once the header is in,
+    `post()` posts further activations ahead, in buffers of its shape."""
 
     def __init__(self, inbox: Inbox):
         self.inbox = inbox
-        self._head: np.ndarray | None = None
-        self._head_posted = False
+        self._head: np.ndarray | None = None   # this batch's, once in
+        self._last: np.ndarray | None = None   # the last batch's
+        self._head_posted = self._guess = False
+        self._spare = 0   # a guessed receive that proved right and post() has not counted yet
 
     def begin_batch(self, ahead: bool) -> None:
-        """Forget the last batch's header; with `ahead`, post the receive of this batch's."""
+        """Forget the batch's header; with `ahead`, post the receive of this batch's now."""
         assert len(self.inbox) == 0, "an earlier batch left receives posted"
-        self._head, self._head_posted = None, False
+        self._head, self._head_posted, self._guess, self._spare = None, False, False, 0
         if ahead:
             self._post_head()
 
     def _post_head(self) -> None:
         self.inbox.post(np.empty(_HEADER, np.int64))
         self._head_posted = True
+        if self._last is not None:
+            self.inbox.post(_empty_from(self._last, default_backend().xp))
+            self._guess = True
 
     def _settle(self, block: bool) -> bool:
         """Whether the header is known (taking it when it has arrived, or with `block`)."""
@@ -167,19 +182,31 @@ class ActivationReceiver:
                 if not block:
                     return False
                 self._post_head()
-            if block or self.inbox.oldest_arrived():
-                self._head = self.inbox.take()
-                self._head_posted = False
-        return self._head is not None
+            if not (block or self.inbox.oldest_arrived()):
+                return False
+            head = self.inbox.take()
+            self._head_posted = False
+            if self._guess:
+                self._guess = False
+                if np.array_equal(head, self._last):
+                    self._spare = 1
+                else:
+                    self.inbox.take()   # the sender's filler for the wrong guess
+            self._head = self._last = head
+        return True
 
     def posted(self) -> int:
-        return len(self.inbox) - self._head_posted
+        """Activation receives posted ahead and counted by post()."""
+        return len(self.inbox) - self._head_posted - self._guess - self._spare
 
     def post(self, block: bool = False) -> bool:
         """Post one activation receive; False (nothing posted) while the header is not in."""
         if not self._settle(block):
             return False
-        self.inbox.post(_empty_from(self._head, default_backend().xp))
+        if self._spare:
+            self._spare = 0
+        else:
+            self.inbox.post(_empty_from(self._head, default_backend().xp))
         return True
 
     def take(self):

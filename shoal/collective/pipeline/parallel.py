@@ -213,7 +213,7 @@ class PipelineParallel(Layer):
         prev, nxt = self._prev, self._next
         what = f"stage {stage}'s output"
         for name, value in (
-                ("_ahead", ahead),
+                ("_ahead", ahead), ("_links", links),
                 ("_act_in", None if prev is None else
                  _comm.ActivationReceiver(_comm.Inbox(links.fwd_in, prev))),
                 ("_grad_out", None if prev is None else _comm.Outbox(links.bwd_out, prev)),

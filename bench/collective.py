@@ -21,8 +21,9 @@
     gives the ceiling the machine itself allows two ranks (`no_comm_ratio`). Blocks of steps
     alternate between the sides; examples/s from the median block. Rank 0's per-phase times
     (forward, backward including the gradient all-reduce, update) go to stderr, with the
-    all-reduce of the gradients' size alone, and the part of backward spent waiting for the
-    buckets' all-reduces (Task.wait, timed by this bench).
+    all-reduce of the gradients' size alone, the part of backward spent waiting for the
+    buckets' all-reduces (Task.wait, timed by this bench) and, over shared memory, how much of
+    the all-reduces went to waiting for a peer that arrived late at a barrier.
 
 Two `nice -n 19` busy loops run during the measurement by default (--no-busy: none): on these
 2-vCPU machines an idle vCPU adds ~4 ms of wake-up latency to 10-50% of the collectives
@@ -248,8 +249,14 @@ def dp_rank(rounds: int, steps: int, batch: int, fuse_mb: float, seed: int = 0) 
     blocks = {side: [] for side in sides}
     perf = time.perf_counter
 
+    shm = getattr(group, "_shm", None)
+
+    def late() -> float:
+        """Seconds the group's shared-memory waits lasted past their spin (peers arriving late)."""
+        return shm.wait_stats()[3] if shm is not None else 0.0
+
     def step(model, opt, record):
-        t0 = perf()
+        t0, l0 = perf(), late()
         loss = F.cross_entropy(model(x), y)
         t1, w0 = perf(), waited[0]
         loss.backward()
@@ -257,7 +264,7 @@ def dp_rank(rounds: int, steps: int, batch: int, fuse_mb: float, seed: int = 0) 
         opt.step()
         opt.clear_grad()
         t3 = perf()
-        record.append((t1 - t0, t2 - t1, t3 - t2, w1 - w0))
+        record.append((t1 - t0, t2 - t1, t3 - t2, w1 - w0, late() - l0))
 
     idle_cpu = []   # rank 1's CPU seconds while it waits for rank 0's one-rank block
     for r in range(rounds + 1):   # round 0 warms every side up, uncounted
@@ -440,7 +447,8 @@ def run_dp(args, spawn, busy_pids) -> None:
     names = {"dp": "2 ranks, DataParallel", "one": "1 rank", "apart": "2 ranks, no communication"}
     for side, rows in r0["phases"].items():
         print(f"  rank 0, {names[side]:>26}: forward {ms(rows, 0):5.1f} ms, backward "
-              f"{ms(rows, 1):5.1f} ms (all-reduce wait {ms(rows, 3):4.1f} ms), update "
+              f"{ms(rows, 1):5.1f} ms (all-reduce wait {ms(rows, 3):4.1f} ms, of it shm waits for "
+              f"a late peer {ms(rows, 4):4.1f} ms), update "
               f"{ms(rows, 2):4.1f} ms (medians of {len(rows)} steps)", file=sys.stderr)
     print(f"  gradients {r0['grad_bytes'] / 2**20:.1f} MiB in {r0['buckets']} bucket(s); their "
           f"all_reduce ({r0['transport']}) alone {r0['allreduce_s'] * 1e3:.1f} ms; threads per rank "

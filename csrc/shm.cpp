@@ -437,6 +437,10 @@ public:
     size_t chunk_bytes() const { return chunk_; }
     size_t total_bytes() const { return total_; }
     uint64_t ops() const { return ops_; }
+    // (waits for a peer, those that outlasted the spin, those that went to sleep, seconds spent
+    // past the spin): where an operation's time goes when peers arrive late.
+    py::tuple wait_stats() const { return py::make_tuple(stats_.waits, stats_.yields, stats_.sleeps, stats_.seconds); }
+
     bool closed() {
         std::lock_guard<std::mutex> lk(state_);
         return closing_ || base_ == nullptr;
@@ -514,16 +518,24 @@ private:
     void wait_for(int r, Clock::time_point deadline, const char* what) {
         Line* l = line(r);
         const uint32_t target = epoch_;
+        stats_.waits++;
         for (int i = 0; i < kSpins; i++) {
             if (reached(l->seq.load(std::memory_order_acquire), target)) return;
             SHOAL_PAUSE();
         }
-        const auto yield_until = Clock::now() + std::chrono::microseconds(kYieldUs);
+        const auto t0 = Clock::now();
+        struct Timed {  // the time past the spin, on every way out
+            WaitStats& st; Clock::time_point t0;
+            ~Timed() { st.seconds += std::chrono::duration<double>(Clock::now() - t0).count(); }
+        } timed{stats_, t0};
+        stats_.yields++;
+        const auto yield_until = t0 + std::chrono::microseconds(kYieldUs);
         for (int i = 0;; i++) {
             if (reached(l->seq.load(std::memory_order_acquire), target)) return;
             sched_yield();
             if ((i & 15) == 15 && Clock::now() > yield_until) break;
         }
+        stats_.sleeps++;
         const timespec ts{0, kSleepNs};
         while (true) {
             l->waiters.fetch_add(1, std::memory_order_seq_cst);
@@ -555,6 +567,10 @@ private:
         }
     }
 
+    struct WaitStats {
+        uint64_t waits = 0, yields = 0, sleeps = 0;  // waits, and those past the spin, the yields
+        double seconds = 0;                          // time in waits past the spin
+    } stats_;
     std::string name_;
     int rank_, world_;
     size_t chunk_, data_off_ = 0, total_ = 0;
@@ -593,6 +609,7 @@ lives on while mapped).)doc";
         .def("broadcast", &Segment::broadcast, py::arg("array"), py::arg("root"), py::arg("timeout_ms") = 30000)
         .def("all_gather", &Segment::all_gather, py::arg("inp"), py::arg("out"), py::arg("timeout_ms") = 30000)
         .def("pid", &Segment::pid, py::arg("rank"))
+        .def("wait_stats", &Segment::wait_stats)
         .def("close", &Segment::close)
         .def_property_readonly("name", &Segment::name)
         .def_property_readonly("chunk_bytes", &Segment::chunk_bytes)

@@ -9,8 +9,9 @@
 
 Stage 1 shards the optimizer state (each rank updates the parameters it owns, then they are
 broadcast by their owners); stage 2 also shards the gradients (reduced to their owners during
-backward, a rank keeping only its own). `ShardedDataParallel.from_config(net, strategy.sharding_configs)` builds
-the groups from a strategy. `held_bytes(model, optimizer)` reports what a rank holds, for
+backward, a rank keeping only its own).
+`ShardedDataParallel.from_config(net, strategy.sharding_configs)` builds the groups from a
+strategy. `held_bytes(model, optimizer)` reports what a rank holds, for
 DataParallel too.
 """
 from shoal.collective.sharding._memory import held_bytes

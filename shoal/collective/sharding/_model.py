@@ -14,7 +14,7 @@ Stage 1 all-reduces the whole bucket and every parameter gets the averaged gradi
 keeps only a rank's own segment: a bucket of one owner is reduced to it, equal segments are
 reduce-scattered, unequal ones reduced to their owners one by one (through shared memory, all
 of them are all-reduced, which is faster there, and the rest dropped). At most `_IN_FLIGHT`
-buckets are in flight, and a finished one frees its buffer at the next gradient hook, so a
+largest buckets' worth are in flight, and a finished one frees its buffer at the next gradient hook, so a
 rank holds its shard plus O(bucket). The owned parameters' `.grad` are views of the shard and
 the others' are None. With a `dp_group` the result is also averaged over the ranks that hold
 the same shard in the other sharding groups.
@@ -35,7 +35,7 @@ from shoal.worker import autograd
 from shoal.worker.nn.layer import Layer
 from shoal.worker.sparse import SparseGrad
 
-_IN_FLIGHT = 2   # stage 2: bucket collectives started and not yet finalized, at most
+_IN_FLIGHT = 2   # stage 2: largest buckets' worth of collectives started, not finalized, at most
 
 
 def _shared_memory(group) -> bool:
@@ -287,10 +287,12 @@ class ShardedDataParallel(Layer):
         """Start `bucket`'s collectives (every parameter not yet taken is taken now)."""
         g, me = self._group, self._group.rank
         if self._stage == 2:
-            # bound what started collectives hold: finish the oldest until few are left
+            # bound what started collectives hold to _IN_FLIGHT of the largest bucket: finish
+            # the oldest until this one fits (small buckets, biases say, cost little room)
             running = [b for b in self._started if not b.done]
-            for b in running[:max(0, len(running) - _IN_FLIGHT + 1)]:
-                self._finalize(b)
+            room = _IN_FLIGHT * max(b.length for b in self._buckets) - bucket.length
+            while running and sum(b.length for b in running) > room:
+                self._finalize(running.pop(0))
         for i in range(len(bucket.params)):
             if i not in bucket.ready:
                 self._take(bucket, i)

@@ -126,7 +126,8 @@ def test_one_big_parameter_per_bucket_equals_data_parallel_and_holds_only_a_shar
                 np.testing.assert_allclose(state[k], v, rtol=1e-4, atol=1e-5, err_msg=f"{kind} {k}")
         dp, sh = out["dp"], out["stage2"]
         # after backward a rank holds exactly its shard (its parameters and their flags)
-        assert sh["grads_after_backward"] == out["stage2_owned_bytes"] + 4 * out["stage2_owned_params"]
+        shard = out["stage2_owned_bytes"] + 4 * out["stage2_owned_params"]
+        assert sh["grads_after_backward"] == shard
         # during it: the shard plus O(bucket) (the bucket being filled and those in flight)
         assert sh["grads"] <= out["stage2_owned_bytes"] + 3 * out["bucket_bytes"], out
         assert sh["grads+state"] <= 0.55 * dp["grads+state"], (sh, dp)

@@ -14,8 +14,8 @@ Stage 1 all-reduces the whole bucket and every parameter gets the averaged gradi
 keeps only a rank's own segment: a bucket of one owner is reduced to it, equal segments are
 reduce-scattered, unequal ones reduced to their owners one by one (through shared memory, all
 of them are all-reduced, which is faster there, and the rest dropped). At most `_IN_FLIGHT`
-largest buckets' worth are in flight, and a finished one frees its buffer at the next gradient hook, so a
-rank holds its shard plus O(bucket). The owned parameters' `.grad` are views of the shard and
+largest buckets' worth are in flight, and a finished one frees its buffer at the next
+gradient hook, so a rank holds its shard plus O(bucket). The owned parameters' `.grad` are views of the shard and
 the others' are None. With a `dp_group` the result is also averaged over the ranks that hold
 the same shard in the other sharding groups.
 """

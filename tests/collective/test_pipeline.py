@@ -33,7 +33,7 @@ def _matches(results, ref, per):
         assert 0 < out["compute_s"] < out["wall_s"]
     assert keys == set(ref["state"])                # the stages together hold the whole model
     stages = len(results) // len({out["dp_index"] for out in results})
-    for out in results:   # one group per direction and neighbour: [fwd_in, fwd_out, bwd_in, bwd_out]
+    for out in results:   # a group per direction and neighbour: [fwd_in, fwd_out, bwd_in, bwd_out]
         rank, s = out["dp_index"] * stages + out["stage"], out["stage"]
         prev = [sorted([rank - 1, rank])] * 2 if s > 0 else [None, None]
         nxt = [sorted([rank, rank + 1])] * 2 if s < stages - 1 else [None, None]

@@ -145,8 +145,9 @@ class PipelineParallel(Layer):
     def from_world(cls, pipeline_layer: PipelineLayer, dp_degree: int = 1, *,
                    micro_batch_size: int, accumulate_steps: int, schedule_mode="1F1B",
                    timeout: float | None = None) -> PipelineParallel:
-        """Build the pp and dp groups of the world (rank = dp_index * num_stages + stage) and
-        this rank's PipelineParallel. A collective: every rank of the world calls it, in the
+        """Build the pp and dp groups of the world (rank = dp_index * num_stages + stage), the
+        link groups of every pipeline (two per pair of adjacent stages: activations, gradients)
+        and this rank's PipelineParallel. A collective: every rank of the world calls it, in the
         same place (new_group's rule); `timeout` bounds the groups' operations (default: the
         world's). Raises InvalidArgumentError when the world is not num_stages * dp_degree."""
         world = _api._world()
@@ -203,10 +204,11 @@ class PipelineParallel(Layer):
                 want = None if peer is None else sorted([me, peer])
                 if (g is None) != (want is None) or (g is not None and
                                                      (list(g.ranks) != want or g.rank < 0)):
+                    expected = ("None (no neighbour there)" if want is None else
+                                f"a group of ranks {want}")
                     raise InvalidArgumentError(
-                        f"PipelineParallel(links.{name}): expected "
-                        f"{'None (no neighbour there)' if want is None else f'a group of ranks {want}'}"
-                        f" for stage {stage}, got {None if g is None else list(g.ranks)}")
+                        f"PipelineParallel(links.{name}): expected {expected} for stage "
+                        f"{stage}, got {None if g is None else list(g.ranks)}")
             groups = [g for g in (links.fwd_in, links.bwd_out, links.fwd_out, links.bwd_in)
                       if g is not None]
             ahead = len({id(g) for g in groups}) == len(groups)

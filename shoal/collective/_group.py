@@ -113,6 +113,9 @@ class _Issuer:
                     with self._cv:
                         self._pending -= 1
             task._finish(error)
+            # drop them before waiting for the next: an operation's closure holds its arrays,
+            # which a caller may want to find unreferenced (DataParallel reuses its buffers)
+            del fn, task
 
     def close(self, why: str) -> bool:
         """Fail what is still queued, let the running operation end; True once the worker is idle."""

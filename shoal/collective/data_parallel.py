@@ -12,15 +12,18 @@ ready, while backward goes on, and the buckets are always reduced in the same or
 rank (a bucket is started only after the buckets before it) so ranks never disagree on the
 sequence of collectives. At the end of backward the remaining buckets start (a parameter that
 got no gradient contributes zeros), every bucket is waited for, and each parameter's `.grad`
-becomes the average over ranks. `no_sync()` skips all of it for gradient accumulation: the
-next backward outside it reduces the accumulated gradients. `check_every=N` compares a
-checksum of every parameter across ranks every N forwards and raises ReplicaDriftError when a
-replica differs.
+becomes the average over ranks: a view of its bucket's flat buffer, which the next backward
+reuses only once no `.grad` (or anything else) still refers to it (after clear_grad, say), so a
+gradient handed out is never overwritten. `no_sync()` skips all of it for gradient
+accumulation: the next backward outside it reduces the accumulated gradients.
+`check_every=N` compares a checksum of every parameter across ranks every N forwards and raises
+ReplicaDriftError when a replica differs.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import sys
 import weakref
 
 import numpy as np
@@ -39,8 +42,19 @@ class _Bucket:
         self.sizes = [int(p.data.size) for p in params]
         self.dtype = params[0].dtype
         self.ready: set[int] = set()
-        self.buffer = None
+        self.buffer = None   # the flat gradients (+ one flag each) of the pass in progress
         self.task = None
+        self.spare = None    # last pass's buffer, reused once nothing else refers to it
+
+    def take_buffer(self, xp, n: int):
+        """A flat array of `n` elements for this pass: last pass's when nothing outside this
+        bucket still refers to it (every `.grad` view of it was dropped, e.g. by clear_grad),
+        else a new one, so a gradient handed out earlier is never overwritten."""
+        spare, self.spare = self.spare, None
+        # references: `spare` here and getrefcount's argument; a view (a `.grad`) adds one
+        if isinstance(spare, np.ndarray) and sys.getrefcount(spare) <= 2:
+            return spare
+        return xp.empty(n, dtype=self.dtype)
 
 
 class DataParallel(Layer):
@@ -167,20 +181,26 @@ class DataParallel(Layer):
             self._start(self._buckets[self._next])
 
     def _start(self, bucket: _Bucket) -> None:
+        """Copy the bucket's gradients into its flat buffer and start its all-reduce."""
         xp = backend_of(bucket.params[0].data).xp
-        parts, has = [], xp.zeros(len(bucket.params), dtype=bucket.dtype)
-        for i, p in enumerate(bucket.params):
-            g = p._grad
+        k = len(bucket.params)
+        flat = bucket.take_buffer(xp, sum(bucket.sizes) + k)
+        off = 0
+        # one flag per parameter rides along: a parameter no rank has a gradient for keeps None
+        flags = flat[-k:]
+        for i, (p, n) in enumerate(zip(bucket.params, bucket.sizes)):
+            g, part = p._grad, flat[off:off + n]
             if g is None:
-                g = xp.zeros(p.data.shape, dtype=p.dtype)
+                part[...] = 0
+                flags[i] = 0
             else:
-                has[i] = 1
                 if isinstance(g, SparseGrad):  # dense models: sparse tables belong on servers
                     g = g.to_dense()
-            parts.append(g.reshape(-1))
-        # one flag per parameter rides along: a parameter no rank has a gradient for keeps None
-        bucket.buffer = xp.concatenate(parts + [has])
-        bucket.task = _api.all_reduce(bucket.buffer, "sum", self._group, sync_op=False)
+                part[...] = g.reshape(-1)
+                flags[i] = 1
+            off += n
+        bucket.buffer = flat
+        bucket.task = _api.all_reduce(flat, "sum", self._group, sync_op=False)
         object.__setattr__(self, "_next", self._next + 1)
 
     def _finish_pass(self) -> None:
@@ -212,6 +232,8 @@ class DataParallel(Layer):
             object.__setattr__(self, "_pass_id", None)
             for bucket in self._buckets:
                 bucket.ready.clear()
+                if bucket.buffer is not None:  # the `.grad`s may be views of it: see take_buffer
+                    bucket.spare = bucket.buffer
                 bucket.buffer = bucket.task = None
 
     # -- drift -------------------------------------------------------------------------

@@ -185,7 +185,7 @@ class DataParallel(Layer):
         xp = backend_of(bucket.params[0].data).xp
         k = len(bucket.params)
         flat = bucket.take_buffer(xp, sum(bucket.sizes) + k)
-        off = 0
+        off, scale = 0, 1.0 / self._group.size
         # one flag per parameter rides along: a parameter no rank has a gradient for keeps None
         flags = flat[-k:]
         for i, (p, n) in enumerate(zip(bucket.params, bucket.sizes)):
@@ -196,7 +196,8 @@ class DataParallel(Layer):
             else:
                 if isinstance(g, SparseGrad):  # dense models: sparse tables belong on servers
                     g = g.to_dense()
-                part[...] = g.reshape(-1)
+                # scaled on the way in (the copy's one pass): the sum is then the average
+                xp.multiply(g.reshape(-1), scale, out=part)
                 flags[i] = 1
             off += n
         bucket.buffer = flat
@@ -207,12 +208,10 @@ class DataParallel(Layer):
         try:
             while self._next < len(self._buckets):
                 self._start(self._buckets[self._next])
-            scale = 1.0 / self._group.size
             for bucket in self._buckets:
                 bucket.task.wait()
                 flat, off = bucket.buffer, 0
                 flags = flat[-len(bucket.params):]
-                flat *= scale
                 for p, n, flag in zip(bucket.params, bucket.sizes, flags.tolist()):
                     p._grad = flat[off:off + n].reshape(p.data.shape) if flag else None
                     off += n

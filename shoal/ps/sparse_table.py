@@ -4,7 +4,9 @@ Each shard maps uint64 keys to row ids with the native KeyMap and keeps the
 rows as a structure of arrays (embedding, rule state, show, click, delta
 score, unseen days, embedx flag). Freed rows are reused. Every call is
 vectorized over its keys; a shard's updates never interleave (one lock per
-shard) and different shards can be worked on by different threads.
+shard) and different shards can be worked on by different threads. With
+`memory_budget_mb` a shard keeps only its hot rows in the arena and the rest
+in a storage tier (shoal.ps.tiers.tiered); without it, the arena is all.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from shoal.ps.accessor import Pending, make_entry, make_rule
 from shoal.ps.errors import TableError
 from shoal.ps.partition import shard_of, uniform_rows
 from shoal.ps.spec import SparseTableSpec
+from shoal.ps.tiers.tiered import ColdRows
 
 _STATS = ("show", "click", "delta_score", "unseen_days")
 
@@ -35,7 +38,7 @@ class SparseShard:
     and unseen days, so a push gathers and scatters each row once.
     """
 
-    def __init__(self, spec: SparseTableSpec, index: int):
+    def __init__(self, spec: SparseTableSpec, index: int, server: int = 0):
         self.spec = spec
         self.lock = threading.Lock()
         self.map = KeyMap()
@@ -62,6 +65,7 @@ class SparseShard:
         self.values = np.zeros((0, width), np.float32)
         self.has_embedx = np.zeros(0, bool)
         self.row_keys = np.zeros(0, np.uint64)  # the key of each row (for lazy embedx init)
+        self.cold = None if spec.memory_budget_mb is None else ColdRows(self, index, server)
 
     def _native_args(self) -> tuple | None:
         """The fused push kernel's settings for this layout (None: the numpy path, for the split
@@ -88,7 +92,10 @@ class SparseShard:
     def _grow(self, bound: int) -> None:
         if bound <= self.cap:
             return
-        cap = max(bound, 2 * self.cap, 1024)
+        cap = max(2 * self.cap, 1024)
+        if self.cold is not None:  # rows past the budget leave the arena: do not grow past it
+            cap = min(cap, self.cold.budget_rows + 1)
+        cap = max(bound, cap)
 
         def grown(a):
             out = mapped_zeros((cap,) + a.shape[1:], a.dtype)
@@ -130,6 +137,11 @@ class SparseShard:
         """Rows for unique `keys` into out[pos]; with `training`, absent keys the entry admits get
         rows (and every row seen has its unseen days reset). Keys without a row read as zeros."""
         rows = self.map.lookup(keys)
+        cold = None
+        if self.cold is not None and len(self.cold.tier):
+            cold = np.flatnonzero(rows < 0)
+            if training:
+                rows[cold] = self.cold.promote(keys[cold])
         if training:
             absent = np.flatnonzero(rows < 0)
             if len(absent):
@@ -143,6 +155,13 @@ class SparseShard:
                         self.pending.forget(akeys[created])
                 rows[absent] = new_rows
         ctr_pull(self.values, rows, out, pos, self.spec.dim, self.unseen if training else -1)
+        if self.cold is not None:
+            if cold is not None and not training and len(cold):
+                found, emb = self.cold.read(keys[cold])
+                at = cold[found]
+                out[at if pos is None else np.asarray(pos)[at]] = emb[found]
+            if training:
+                self.cold.spill()
 
     def pull(self, keys: np.ndarray, training: bool) -> np.ndarray:
         """Rows [len(keys), dim] for unique `keys` (see pull_into)."""
@@ -152,8 +171,9 @@ class SparseShard:
 
     def push(self, keys: np.ndarray, grads: np.ndarray, shows: np.ndarray, clicks: np.ndarray) -> None:
         """Apply merged gradients (unique keys) with their shows and clicks."""
-        spec = self.spec
         rows = self.map.lookup(keys)
+        if self.cold is not None:
+            self._promote_into(keys, rows)
         has = rows >= 0
         if not has.all():
             if self.pending is not None:
@@ -168,7 +188,20 @@ class SparseShard:
             ctr_push(self.values, np.ascontiguousarray(rows), np.ascontiguousarray(grads, np.float32),
                             np.ascontiguousarray(shows, np.float32), np.ascontiguousarray(clicks, np.float32),
                             *self._native)
-            return
+        else:
+            self._push_numpy(rows, grads, shows, clicks)
+        if self.cold is not None:
+            self.cold.spill()
+
+    def _promote_into(self, keys: np.ndarray, rows: np.ndarray) -> None:
+        """rows[i] for the cold ones of `keys` (their rows read -1), promoted to the arena."""
+        if len(self.cold.tier):
+            miss = np.flatnonzero(rows < 0)
+            if len(miss):
+                rows[miss] = self.cold.promote(keys[miss])
+
+    def _push_numpy(self, rows, grads, shows, clicks) -> None:
+        spec = self.spec
         block = self.values[rows]
         block[:, self.show] += shows
         block[:, self.click] += clicks
@@ -197,6 +230,8 @@ class SparseShard:
         """GEO: add trained-minus-pulled deltas to the rows that exist (others have none to add to),
         with the shows and clicks the worker saw since its last sync."""
         rows = self.map.lookup(keys)
+        if self.cold is not None:
+            self._promote_into(keys, rows)
         has = rows >= 0
         if has.any():
             r = rows[has]
@@ -211,6 +246,8 @@ class SparseShard:
                 self.values[r, self.show] += s
                 self.values[r, self.click] += c
                 self.values[r, self.delta] += self.spec.score(s, c)
+        if self.cold is not None:
+            self.cold.spill()
 
     def shrink(self) -> int:
         """Decay show/click and delete rows past the delete thresholds; returns rows deleted."""
@@ -229,7 +266,7 @@ class SparseShard:
             pc["show"][pr] *= decay
             pc["click"][pr] *= decay
             self.pending.forget(pk[pc["unseen"][pr] > spec.delete_after_unseen_days])
-        return int(dead.sum())
+        return int(dead.sum()) + (self.cold.shrink() if self.cold is not None else 0)
 
     def day_tick(self) -> None:
         """One day passes: unseen_days += 1 for every row (and pending key)."""
@@ -238,6 +275,8 @@ class SparseShard:
         if self.pending is not None:
             _, pr = self.pending.map.items()
             self.pending.cols["unseen"][pr] += 1.0
+        if self.cold is not None:
+            self.cold.day_tick()
 
     # -- save / load -----------------------------------------------------------------
     def export(self, mode: int) -> dict[str, np.ndarray]:
@@ -246,22 +285,36 @@ class SparseShard:
         Mode 1 resets the delta score of the rows it writes (Paddle's
         CtrCommonAccessor), so the next delta holds only what changed since.
         """
-        spec = self.spec
         keys, rows = self.map.items()
         v = self.values
-        if mode in (1, 2):
-            score = spec.score(v[rows, self.show], v[rows, self.click])
-            keep = (score >= spec.base_threshold) & (v[rows, self.unseen] <= spec.delta_keep_days)
-            if mode == 1:
-                keep &= v[rows, self.delta] >= spec.delta_threshold
+        keep = self._keep(v[rows], mode)
+        if keep is not None:
             keys, rows = keys[keep], rows[keep]
-        block = v[rows]
-        out = {"keys": keys, "has_embedx": self.has_embedx[rows]}
+        out = self._named(keys, v[rows], self.has_embedx[rows])
+        if mode == 1:
+            v[rows, self.delta] = 0.0
+        if self.cold is not None:
+            parts = [out] + self.cold.export(mode)
+            out = {k: np.concatenate([p[k] for p in parts]) for k in out}
+        return out
+
+    def _keep(self, block: np.ndarray, mode: int) -> np.ndarray | None:
+        """Which rows of `block` a save of `mode` writes (None: all)."""
+        if mode not in (1, 2):
+            return None
+        spec = self.spec
+        score = spec.score(block[:, self.show], block[:, self.click])
+        keep = (score >= spec.base_threshold) & (block[:, self.unseen] <= spec.delta_keep_days)
+        if mode == 1:
+            keep &= block[:, self.delta] >= spec.delta_threshold
+        return keep
+
+    def _named(self, keys: np.ndarray, block: np.ndarray, has_embedx: np.ndarray) -> dict:
+        """Rows as the named arrays of a save."""
+        out = {"keys": keys, "has_embedx": has_embedx}
         for name in self.cols:
             view = self._view(block, name)
             out[name] = view[:, 0].copy() if name.startswith("stat.") else np.ascontiguousarray(view)
-        if mode == 1:
-            v[rows, self.delta] = 0.0
         return out
 
     def load_rows(self, data: dict[str, np.ndarray]) -> None:
@@ -277,6 +330,8 @@ class SparseShard:
         for name in self.cols:
             arr = data[name]
             self._view(block, name)[...] = arr[:, None] if arr.ndim == 1 else arr
+        if self.cold is not None:
+            self.cold.forget(keys)
         rows, _ = self.map.get_or_insert(keys)
         self._grow(self.map.row_bound)
         self.row_keys[rows] = keys
@@ -284,10 +339,16 @@ class SparseShard:
         self.has_embedx[rows] = data["has_embedx"]
         if self.pending is not None:
             self.pending.forget(keys)
+        if self.cold is not None:
+            self.cold.spill()
 
     def checksum(self) -> float:
         _, rows = self.map.items()
-        return float(self.values[rows].astype(np.float64).sum())
+        hot = float(self.values[rows].astype(np.float64).sum())
+        return hot + (self.cold.checksum() if self.cold is not None else 0.0)
+
+    def __len__(self) -> int:
+        return len(self.map) + (len(self.cold.tier) if self.cold is not None else 0)
 
 
 class SparseTable:
@@ -297,9 +358,16 @@ class SparseTable:
     thread-safe: each takes the lock of every shard it touches, one at a time.
     """
 
-    def __init__(self, spec: SparseTableSpec):
+    def __init__(self, spec: SparseTableSpec, server: int = 0):
+        """`server`: this server's index (a tiered table's RocksDB is <ssd_path>/server-<index>)."""
         self.spec = spec
-        self.shards = [SparseShard(spec, i) for i in range(spec.shards)]
+        self.shards = []
+        try:
+            for i in range(spec.shards):
+                self.shards.append(SparseShard(spec, i, server))
+        except BaseException:
+            self.close()
+            raise
         self._be = get_backend("numpy")
 
     def _check_keys(self, keys, op: str) -> np.ndarray:
@@ -429,12 +497,28 @@ class SparseTable:
                 shard.load_rows({k: v[pos] for k, v in data.items()})
 
     def __len__(self) -> int:
-        return sum(len(s.map) for s in self.shards)
+        return sum(len(s) for s in self.shards)
 
     def stats(self) -> dict:
-        return {"rows": len(self), "pending": sum(len(s.pending) for s in self.shards if s.pending),
-                "bytes": int(sum(s.values.nbytes + s.row_keys.nbytes + s.has_embedx.nbytes
-                                 for s in self.shards))}
+        """rows, pending keys and RAM bytes; with a budget also `tiers`: rows and bytes per tier
+        ("memory": the arenas, key index excluded; the storage tier by name: its records)."""
+        ram = int(sum(s.values.nbytes + s.row_keys.nbytes + s.has_embedx.nbytes for s in self.shards))
+        out = {"rows": len(self), "pending": sum(len(s.pending) for s in self.shards if s.pending),
+               "bytes": ram}
+        if self.spec.memory_budget_mb is not None:
+            hot = {"rows": sum(len(s.map) for s in self.shards), "bytes": ram}
+            cold = [s.cold.stats() for s in self.shards]
+            out["tiers"] = {"arena": hot, f"cold.{self.spec.storage}": {
+                "rows": sum(c["rows"] for c in cold), "bytes": sum(c["bytes"] for c in cold)}}
+            out["budget_rows"] = sum(c["budget_rows"] for c in cold)
+        return out
+
+    def close(self) -> None:
+        """Release the storage tiers (RocksDB files stay, with the cold rows). Idempotent."""
+        for shard in self.shards:
+            if shard.cold is not None:
+                with shard.lock:
+                    shard.cold.close()
 
     def checksum(self) -> float:
         """A number that changes when any row or show count changes (for tests and audits)."""

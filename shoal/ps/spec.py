@@ -54,6 +54,8 @@ def _number(x) -> bool:
 SPARSE_RULES = ("naive", "adagrad", "std_adagrad", "adam")
 ENTRIES = ("none", "count_filter", "probability", "show_click")
 DENSE_RULES = ("sgd", "adam", "sum")
+STORAGES = ("memory", "ssd")            # the tiers of shoal.ps.tiers (a test checks they agree)
+EVICTIONS = ("unseen_days", "lfu")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,11 @@ class SparseTableSpec:
     entry_threshold: float = 0.0        # show_click: score a pending key must reach
     seed: int = 0
     shards: int = 4                     # lock-separated shards inside one server
+    # tiers: with memory_budget_mb, rows past the budget go to the `storage` tier (None: all in RAM)
+    storage: str = "memory"             # memory: a compact RAM store; ssd: RocksDB under ssd_path
+    memory_budget_mb: float | None = None   # RAM for hot rows on each server (key index included)
+    ssd_path: str | None = None         # storage ssd: the directory of the servers' RocksDB
+    eviction: str = "unseen_days"       # coldest first: unseen_days (then score), or lfu (shows)
 
     def __post_init__(self):
         n = self.name
@@ -127,6 +134,21 @@ class SparseTableSpec:
                "use an int in [1, 256]")
         _check(isinstance(self.scale_by_show, bool), n, "scale_by_show", self.scale_by_show,
                "use true or false")
+        _check(self.storage in STORAGES, n, "storage", self.storage, f"choose one of {list(STORAGES)}")
+        _check(self.eviction in EVICTIONS, n, "eviction", self.eviction,
+               f"choose one of {list(EVICTIONS)}")
+        _check(self.memory_budget_mb is None or (_number(self.memory_budget_mb)
+                                                 and self.memory_budget_mb > 0), n,
+               "memory_budget_mb", self.memory_budget_mb, "use a positive number of MiB, or None "
+               "to keep every row in RAM")
+        _check(self.ssd_path is None or (isinstance(self.ssd_path, str) and self.ssd_path != ""), n,
+               "ssd_path", self.ssd_path, "give a directory path or None")
+        if self.storage == "ssd":
+            _check(self.ssd_path is not None, n, "ssd_path", self.ssd_path,
+                   "storage 'ssd' needs a directory for RocksDB (each server uses "
+                   "<ssd_path>/server-<index>)")
+            _check(self.memory_budget_mb is not None, n, "memory_budget_mb", self.memory_budget_mb,
+                   "storage 'ssd' spills rows past a RAM budget: set memory_budget_mb")
 
     kind = "sparse"
 

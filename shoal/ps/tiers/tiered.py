@@ -1,0 +1,146 @@
+"""The cold half of a tiered sparse shard: a RAM budget, spilling, promotion, and the whole-table
+operations (shrink, day_tick, export, load) over the rows in the storage tier.
+
+A shard with `memory_budget_mb` keeps its hot rows in its arena and key map,
+and every other row in a StorageTier, each key in exactly one of the two.
+When the arena holds more rows than the budget allows after an operation,
+the coldest rows (largest unseen_days, then lowest show/click score; or,
+with eviction 'lfu', fewest shows, then largest unseen_days) go to the tier
+in one batch, down to 90% of the budget (so a full scan for the coldest rows
+happens once per tenth of the budget of new rows, not on every call), and
+leave the arena and the key map. A training pull, a push or a GEO delta of a
+cold key brings it back in the same vectorized call; a read-only pull reads
+it where it is. A cold record is the row's float32 record followed by its
+embedx flag, so unseen days, scores and rule state travel with it and the
+tier-wide operations update them in batches. The budget counts, per row,
+its record, its key and embedx flag, and about 24 bytes of key index.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from shoal.ps.tiers._base import StorageTier, make_tier
+
+BATCH = 65536       # rows per batch when a tier-wide operation walks the cold rows
+_LOW_WATER = 0.9    # a spill goes down to this share of the budget
+_INDEX_BYTES = 24   # a key map slot at the map's load factor
+
+
+class ColdRows:
+    """The tier of one shard and the budget of its arena. Not thread-safe: under the shard's lock."""
+
+    def __init__(self, shard, index: int, server: int):
+        spec = shard.spec
+        self.shard, self.spec = shard, spec
+        self.width = shard.width + 1
+        row_bytes = 4 * shard.width + 8 + 1 + _INDEX_BYTES
+        self.budget_rows = max(1, int(spec.memory_budget_mb * 2 ** 20 / spec.shards / row_bytes))
+        self.low_rows = max(1, int(self.budget_rows * _LOW_WATER))
+        self.tier: StorageTier = make_tier(spec.storage, width=self.width, table=spec.name,
+                                           shard=index, server=server, path=spec.ssd_path)
+
+    # -- the two tiers ---------------------------------------------------------------
+    def _records(self, rows: np.ndarray) -> np.ndarray:
+        sh = self.shard
+        rec = np.empty((len(rows), self.width), np.float32)
+        rec[:, :sh.width] = sh.values[rows]
+        rec[:, sh.width] = sh.has_embedx[rows]
+        return rec
+
+    def promote(self, keys: np.ndarray) -> np.ndarray:
+        """Move the cold ones of `keys` (unique, absent from the arena) into the arena; their rows,
+        -1 for keys the tier does not hold."""
+        rows = np.full(len(keys), -1, np.int64)
+        if len(self.tier) == 0 or len(keys) == 0:
+            return rows
+        found, rec = self.tier.get(keys)
+        if not found.any():
+            return rows
+        sh = self.shard
+        k, rec = keys[found], rec[found]
+        r, _ = sh.map.get_or_insert(k)
+        sh._grow(sh.map.row_bound)
+        sh.row_keys[r] = k
+        sh.values[r] = rec[:, :sh.width]
+        sh.has_embedx[r] = rec[:, sh.width] != 0
+        self.tier.delete(k)
+        rows[found] = r
+        return rows
+
+    def read(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(found, embeddings [n, dim]) of the cold ones of `keys`, leaving them cold."""
+        if len(self.tier) == 0 or len(keys) == 0:
+            return np.zeros(len(keys), bool), np.zeros((len(keys), self.spec.dim), np.float32)
+        found, rec = self.tier.get(keys)
+        return found, rec[:, :self.spec.dim]
+
+    def spill(self) -> int:
+        """If the arena is over budget, move its coldest rows to the tier; returns rows moved."""
+        sh = self.shard
+        if len(sh.map) <= self.budget_rows:
+            return 0
+        keys, rows = sh.map.items()
+        v = sh.values
+        unseen = v[rows, sh.unseen]
+        if self.spec.eviction == "lfu":
+            order = np.lexsort((-unseen, v[rows, sh.show]))
+        else:
+            order = np.lexsort((self.spec.score(v[rows, sh.show], v[rows, sh.click]), -unseen))
+        pick = order[:len(keys) - self.low_rows]
+        self.tier.put(keys[pick], self._records(rows[pick]), fresh=True)
+        sh.map.erase(keys[pick])
+        return len(pick)
+
+    def forget(self, keys: np.ndarray) -> None:
+        """Drop the cold copies of `keys` (a load puts them in the arena)."""
+        if len(self.tier):
+            found, _ = self.tier.get(keys)
+            self.tier.delete(keys[found])
+
+    # -- tier-wide operations ----------------------------------------------------------
+    def shrink(self) -> int:
+        """The shard's shrink over the cold rows: decay, then delete the dead; returns rows deleted."""
+        sh, spec = self.shard, self.spec
+        decay = np.float32(spec.show_click_decay_rate)
+        deleted = 0
+        for keys, rec in self.tier.batches(BATCH):
+            rec[:, sh.show] *= decay
+            rec[:, sh.click] *= decay
+            score = spec.score(rec[:, sh.show], rec[:, sh.click])
+            dead = (score < spec.delete_threshold) | (rec[:, sh.unseen] > spec.delete_after_unseen_days)
+            self.tier.put(keys[~dead], rec[~dead], fresh=False)
+            self.tier.delete(keys[dead])
+            deleted += int(dead.sum())
+        return deleted
+
+    def day_tick(self) -> None:
+        for keys, rec in self.tier.batches(BATCH):
+            rec[:, self.shard.unseen] += 1.0
+            self.tier.put(keys, rec, fresh=False)
+
+    def export(self, mode: int) -> list[dict[str, np.ndarray]]:
+        """The cold rows a save of `mode` writes, as `SparseShard.export` parts (mode 1 resets their
+        delta score in the tier)."""
+        sh = self.shard
+        parts = []
+        for keys, rec in self.tier.batches(BATCH):
+            block = rec[:, :sh.width]
+            keep = sh._keep(block, mode)
+            if keep is not None:
+                keys, rec, block = keys[keep], rec[keep], block[keep]
+            parts.append(sh._named(keys, block, rec[:, sh.width] != 0))
+            if mode == 1 and len(keys):
+                rec[:, sh.delta] = 0.0
+                self.tier.put(keys, rec, fresh=False)
+        return parts
+
+    def checksum(self) -> float:
+        return float(sum(rec[:, :self.shard.width].astype(np.float64).sum()
+                         for _, rec in self.tier.batches(BATCH)))
+
+    def stats(self) -> dict:
+        sh = self.shard
+        return {"rows": len(self.tier), "bytes": self.tier.nbytes(), "budget_rows": self.budget_rows}
+
+    def close(self) -> None:
+        self.tier.close()

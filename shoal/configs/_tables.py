@@ -16,6 +16,8 @@ from shoal.configs.errors import StrategyError
 
 SparseRuleName = Literal["naive", "adagrad", "std_adagrad", "adam"]
 EntryName = Literal["none", "count_filter", "probability", "show_click"]
+StorageName = Literal["memory", "ssd"]
+EvictionName = Literal["unseen_days", "lfu"]
 
 # YAML has no tuples: accept [min, max] as a list and keep it as a tuple
 _Bounds = Annotated[tuple[float, float],
@@ -73,6 +75,30 @@ class EntryConfig(ConfigModel):
     threshold: float = Field(0.0, ge=0, description="show_click: score a pending key must reach")
 
 
+class TierConfig(ConfigModel):
+    """Where rows live: all in RAM (no budget), or hot rows in RAM under `memory_budget_mb` and the
+    rest in `storage` (Paddle's SSDSparseTable)."""
+
+    storage: StorageName = Field("memory", description="the tier for rows past the budget: memory "
+                                                       "(a compact RAM store) or ssd (RocksDB)")
+    memory_budget_mb: float | None = Field(None, gt=0, description="RAM for hot rows per server, "
+                                           "key index included; None keeps every row in RAM")
+    ssd_path: str | None = Field(None, min_length=1, description="storage ssd: RocksDB directory; "
+                                 "server i uses <ssd_path>/server-<i> (required: there is no default)")
+    eviction: EvictionName = Field("unseen_days", description="coldest first: unseen_days (then "
+                                   "lowest score), or lfu (fewest shows)")
+
+    @model_validator(mode="after")
+    def _ssd_needs_path_and_budget(self):
+        if self.storage == "ssd" and self.ssd_path is None:
+            raise ValueError("tier.storage='ssd' needs tier.ssd_path, a directory for RocksDB "
+                             "(each server uses <ssd_path>/server-<index>)")
+        if self.storage == "ssd" and self.memory_budget_mb is None:
+            raise ValueError("tier.storage='ssd' spills rows past a RAM budget: set "
+                             "tier.memory_budget_mb (MiB per server)")
+        return self
+
+
 class TableConfig(ConfigModel):
     """Settings of one sparse table (or of the default block every unnamed table gets)."""
 
@@ -83,6 +109,7 @@ class TableConfig(ConfigModel):
     entry: EntryConfig = Field(default_factory=EntryConfig, description="admission policy")
     shards: int = Field(4, ge=1, le=256, description="lock-separated shards inside one server")
     seed: int = Field(0, ge=0, lt=2 ** 63, description="seed of the rows' deterministic initial values")
+    tier: TierConfig = Field(default_factory=TierConfig, description="RAM budget and SSD spill")
 
     @model_validator(mode="after")
     def _split_needs_two_columns(self):
@@ -97,7 +124,7 @@ class TableConfig(ConfigModel):
 
         Example: `SparseTableSpec(name="user", dim=8, **strategy.table_config("user").spec_fields())`.
         """
-        a, r, e = self.accessor, self.rule, self.entry
+        a, r, e, t = self.accessor, self.rule, self.entry, self.tier
         return dict(
             rule=r.name, learning_rate=r.learning_rate, initial_g2sum=r.initial_g2sum,
             initial_range=r.initial_range, weight_bounds=tuple(r.weight_bounds), beta1=r.beta1,
@@ -109,7 +136,9 @@ class TableConfig(ConfigModel):
             delete_after_unseen_days=a.delete_after_unseen_days,
             entry=e.name, entry_count=e.count, entry_probability=e.probability,
             entry_threshold=e.threshold,
-            seed=self.seed, shards=self.shards)
+            seed=self.seed, shards=self.shards,
+            storage=t.storage, memory_budget_mb=t.memory_budget_mb, ssd_path=t.ssd_path,
+            eviction=t.eviction)
 
 
 class SparseTableSettings(ConfigModel):

@@ -483,6 +483,10 @@ def test_spec_fields_construct_a_sparse_table_spec():
 def test_literal_names_agree_with_the_ps_registries():
     assert typing.get_args(SparseRuleName) == ps_spec.SPARSE_RULES
     assert typing.get_args(EntryName) == ps_spec.ENTRIES
+    from shoal.configs._tables import EvictionName, StorageName
+    from shoal.ps.tiers import tier_names
+    assert typing.get_args(StorageName) == ps_spec.STORAGES == tier_names()
+    assert typing.get_args(EvictionName) == ps_spec.EVICTIONS
 
 
 # --- diff ----------------------------------------------------------------------------------------

@@ -88,15 +88,16 @@ class TierConfig(ConfigModel):
     eviction: EvictionName = Field("unseen_days", description="coldest first: unseen_days (then "
                                    "lowest score), or lfu (fewest shows)")
 
-    @model_validator(mode="after")
-    def _ssd_needs_path_and_budget(self):
+    def problem(self) -> str | None:
+        """What makes these settings unusable, or None. Checked on a table's merged settings (an
+        override may name storage: ssd and take the budget and path from the default block)."""
         if self.storage == "ssd" and self.ssd_path is None:
-            raise ValueError("tier.storage='ssd' needs tier.ssd_path, a directory for RocksDB "
-                             "(each server uses <ssd_path>/server-<index>)")
+            return ("tier.storage='ssd' needs tier.ssd_path, a directory for RocksDB (each server "
+                    "uses <ssd_path>/server-<index>)")
         if self.storage == "ssd" and self.memory_budget_mb is None:
-            raise ValueError("tier.storage='ssd' spills rows past a RAM budget: set "
-                             "tier.memory_budget_mb (MiB per server)")
-        return self
+            return ("tier.storage='ssd' spills rows past a RAM budget: set tier.memory_budget_mb "
+                    "(MiB per server)")
+        return None
 
 
 class TableConfig(ConfigModel):
@@ -161,8 +162,13 @@ class SparseTableSettings(ConfigModel):
 
     @model_validator(mode="after")
     def _overrides_merge(self):
+        problem = self.default.tier.problem()
+        if problem:
+            raise ValueError(f"default: {problem}")
         for name in self.tables:
-            self.merged(name)   # a merge can combine fields into an invalid table: say so now
+            problem = self.merged(name).tier.problem()  # a merge can make an invalid table: say so now
+            if problem:
+                raise ValueError(f"table {name!r}: {problem}")
         return self
 
     def merged(self, name: str) -> TableConfig:

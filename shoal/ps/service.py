@@ -199,7 +199,7 @@ class PSService:
                                      f"spec (field: (existing, requested)) {diff}; use another name "
                                      f"or the same spec")
                 return have, False
-            table = SparseTable(spec) if spec.kind == "sparse" else \
+            table = SparseTable(spec, self.index) if spec.kind == "sparse" else \
                 DenseTable(spec, self.index, self.n_servers)
             self.tables[spec.name] = table
             return table, True
@@ -418,7 +418,7 @@ class PSService:
         return {}, []
 
     def close(self) -> None:
-        """Finish queued work (dense pushes written behind) once no request is in flight."""
+        """Finish queued work (dense pushes written behind) and release the sparse tables' storage
+        tiers, once no request is in flight."""
         for table in list(self.tables.values()):
-            if table.spec.kind == "dense":
-                table.close()
+            table.close()

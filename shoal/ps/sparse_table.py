@@ -161,7 +161,7 @@ class SparseShard:
                 at = cold[found]
                 out[at if pos is None else np.asarray(pos)[at]] = emb[found]
             if training:
-                self.cold.spill()
+                self.cold.spill(rows)
 
     def pull(self, keys: np.ndarray, training: bool) -> np.ndarray:
         """Rows [len(keys), dim] for unique `keys` (see pull_into)."""
@@ -191,7 +191,7 @@ class SparseShard:
         else:
             self._push_numpy(rows, grads, shows, clicks)
         if self.cold is not None:
-            self.cold.spill()
+            self.cold.spill(rows)
 
     def _promote_into(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """rows[i] for the cold ones of `keys` (their rows read -1), promoted to the arena."""
@@ -247,7 +247,7 @@ class SparseShard:
                 self.values[r, self.click] += c
                 self.values[r, self.delta] += self.spec.score(s, c)
         if self.cold is not None:
-            self.cold.spill()
+            self.cold.spill(rows)
 
     def shrink(self) -> int:
         """Decay show/click and delete rows past the delete thresholds; returns rows deleted."""
@@ -340,7 +340,7 @@ class SparseShard:
         if self.pending is not None:
             self.pending.forget(keys)
         if self.cold is not None:
-            self.cold.spill()
+            self.cold.spill(rows)
 
     def checksum(self) -> float:
         _, rows = self.map.items()

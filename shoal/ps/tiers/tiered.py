@@ -8,7 +8,8 @@ the coldest rows (largest unseen_days, then lowest show/click score; or,
 with eviction 'lfu', fewest shows, then largest unseen_days) go to the tier
 in one batch, down to 90% of the budget (so a full scan for the coldest rows
 happens once per tenth of the budget of new rows, not on every call), and
-leave the arena and the key map. A training pull, a push or a GEO delta of a
+leave the arena and the key map; the rows the operation itself touched go
+last. A training pull, a push or a GEO delta of a
 cold key brings it back in the same vectorized call; a read-only pull reads
 it where it is. A cold record is the row's float32 record followed by its
 embedx flag, so unseen days, scores and rule state travel with it and the
@@ -74,18 +75,25 @@ class ColdRows:
         found, rec = self.tier.get(keys)
         return found, rec[:, :self.spec.dim]
 
-    def spill(self) -> int:
-        """If the arena is over budget, move its coldest rows to the tier; returns rows moved."""
+    def spill(self, touched: np.ndarray) -> int:
+        """If the arena is over budget, move its coldest rows to the tier; returns rows moved.
+
+        The rows the calling operation `touched` (row ids, -1 ignored) go last, so a row just
+        promoted or created is not sent straight back."""
         sh = self.shard
         if len(sh.map) <= self.budget_rows:
             return 0
         keys, rows = sh.map.items()
         v = sh.values
+        recent = np.zeros(sh.map.row_bound, bool)
+        recent[touched[touched >= 0]] = True
+        recent = recent[rows]
         unseen = v[rows, sh.unseen]
         if self.spec.eviction == "lfu":
-            order = np.lexsort((-unseen, v[rows, sh.show]))
+            order = np.lexsort((-unseen, v[rows, sh.show], recent))
         else:
-            order = np.lexsort((self.spec.score(v[rows, sh.show], v[rows, sh.click]), -unseen))
+            order = np.lexsort((self.spec.score(v[rows, sh.show], v[rows, sh.click]), -unseen,
+                                recent))
         pick = order[:len(keys) - self.low_rows]
         self.tier.put(keys[pick], self._records(rows[pick]), fresh=True)
         sh.map.erase(keys[pick])

@@ -1,0 +1,319 @@
+"""Tiered sparse tables: a RAM budget of about a tenth of the rows, the rest in the memory or ssd
+(RocksDB) tier, must answer bit for bit like the all-RAM table."""
+import contextlib
+import dataclasses
+import shutil
+import tempfile
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shoal.configs import DistributedStrategy, StrategyError
+from shoal.ps.errors import TableError
+from shoal.ps.sparse_table import SparseTable
+from shoal.ps.spec import SparseTableSpec
+from shoal.ps.tiers import MemoryTier, make_tier, tier_names
+
+N_KEYS = 240
+UNIVERSE = (np.arange(N_KEYS, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(12345)
+DIM = 3
+EXACT = dict(nonclk_coeff=0.25, click_coeff=1.0, show_click_decay_rate=0.5, delete_threshold=0.75,
+             base_threshold=1.5, delta_threshold=0.5, delta_keep_days=2,
+             delete_after_unseen_days=3, learning_rate=0.1, initial_range=0.5)
+
+
+def _budget_mb(spec: SparseTableSpec, rows: int) -> float:
+    """A budget of about `rows` rows for `spec`'s layout (the tier's own row cost)."""
+    width = SparseTable(spec).shards[0].width
+    return rows * (4 * width + 8 + 1 + 24) / 2 ** 20
+
+
+@contextlib.contextmanager
+def tiered_pair(storage="ssd", eviction="unseen_days", budget_rows=N_KEYS // 10, **fields):
+    """(all-RAM table, tiered table of the same spec); the RocksDB directory is removed after."""
+    base = SparseTableSpec(name="t", dim=DIM, **{**EXACT, **fields})
+    path = tempfile.mkdtemp(prefix="shoal-tiers-")
+    spec = dataclasses.replace(base, storage=storage, eviction=eviction, ssd_path=path,
+                               memory_budget_mb=_budget_mb(base, budget_rows))
+    ram, tiered = SparseTable(base), SparseTable(spec)
+    try:
+        yield ram, tiered
+    finally:
+        tiered.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _pushed(idx, seed):
+    rng = np.random.default_rng(seed)
+    keys = UNIVERSE[idx]
+    grads = rng.normal(0, 1, (len(keys), DIM)).astype(np.float32)
+    shows = rng.integers(1, 4, len(keys)).astype(np.float32)
+    clicks = np.minimum(rng.integers(0, 3, len(keys)), shows).astype(np.float32)
+    return keys, grads, shows, clicks
+
+
+def _sorted_export(table, mode):
+    data = table.export(mode)
+    order = np.argsort(data["keys"])
+    return {k: v[order] for k, v in data.items()}
+
+
+def _assert_exports_equal(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def _cold_rows(table):
+    return table.stats()["tiers"][f"cold.{table.spec.storage}"]["rows"]
+
+
+def _assert_within_budget(table):
+    for shard in table.shards:
+        assert len(shard.map) <= shard.cold.budget_rows
+
+
+key_lists = st.lists(st.integers(0, N_KEYS - 1), min_size=1, max_size=80)
+ops = st.lists(st.one_of(
+    st.tuples(st.just("pull"), key_lists, st.booleans()),
+    st.tuples(st.just("push"), key_lists, st.integers(0, 2 ** 31)),
+    st.tuples(st.just("push"), key_lists, st.integers(0, 2 ** 31)),
+    st.tuples(st.just("delta"), key_lists, st.integers(0, 2 ** 31)),
+    st.tuples(st.just("shrink")),
+    st.tuples(st.just("tick")),
+    st.tuples(st.just("save"), st.sampled_from([0, 1, 2])),
+), min_size=1, max_size=20)
+
+
+@settings(max_examples=60, deadline=None)
+@given(storage=st.sampled_from(["ssd", "memory"]), eviction=st.sampled_from(["unseen_days", "lfu"]),
+       rule=st.sampled_from(["naive", "adagrad", "adam"]),
+       entry=st.sampled_from(["none", "count_filter", "probability"]), split=st.booleans(),
+       shards=st.sampled_from([1, 3]), program=ops)
+def test_a_tenth_in_ram_answers_bit_for_bit_like_all_in_ram(storage, eviction, rule, entry, split,
+                                                            shards, program):
+    with tiered_pair(storage, eviction, rule=rule, entry=entry, entry_count=2, entry_probability=0.5,
+                     embedx_threshold=2.0 if split else None, shards=shards) as (ram, tiered):
+        for _ in range(3):  # admits every key under count_filter, most under probability
+            ram.pull(UNIVERSE, training=True)
+            tiered.pull(UNIVERSE, training=True)
+        warm = _pushed(list(range(N_KEYS)), 0)  # cold rows with statistics (and some embedx)
+        ram.push(*warm)
+        tiered.push(*warm)
+        was_cold = _cold_rows(tiered) > 0
+        for op in program:
+            if op[0] == "pull":
+                keys = UNIVERSE[op[1]]
+                np.testing.assert_array_equal(tiered.pull(keys, training=op[2]),
+                                              ram.pull(keys, training=op[2]))
+            elif op[0] == "push":
+                args = _pushed(op[1], op[2])
+                ram.push(*args)
+                tiered.push(*args)
+            elif op[0] == "delta":
+                keys, grads, shows, clicks = _pushed(op[1], op[2])
+                packed = np.concatenate([grads, shows[:, None], clicks[:, None]], axis=1)
+                ram.add_delta(keys, packed)
+                tiered.add_delta(keys, packed)
+            elif op[0] == "shrink":
+                assert tiered.shrink() == ram.shrink()
+            elif op[0] == "tick":
+                ram.day_tick()
+                tiered.day_tick()
+            else:
+                _assert_exports_equal(_sorted_export(tiered, op[1]), _sorted_export(ram, op[1]))
+            assert len(tiered) == len(ram)
+            _assert_within_budget(tiered)
+            was_cold |= _cold_rows(tiered) > 0
+        np.testing.assert_array_equal(tiered.pull(UNIVERSE, training=False),
+                                      ram.pull(UNIVERSE, training=False))
+        _assert_exports_equal(_sorted_export(tiered, 0), _sorted_export(ram, 0))
+        assert was_cold, "the budget never spilled a row: the test tests nothing"
+        if len(ram) > sum(s.cold.budget_rows for s in tiered.shards):
+            assert _cold_rows(tiered) > 0
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("storage", ["ssd", "memory"])
+def test_days_of_training_with_shrinks_equal_the_all_ram_table(storage, split):
+    """Rows with statistics and embedx cycle through both tiers over many days."""
+    with tiered_pair(storage, embedx_threshold=2.0 if split else None, shards=2,
+                     delete_threshold=0.3) as (ram, tiered):
+        rng = np.random.default_rng(5)
+        for day in range(6):
+            for step in range(5):
+                idx = rng.choice(N_KEYS, 60, replace=False)
+                keys = UNIVERSE[idx]
+                np.testing.assert_array_equal(tiered.pull(keys, True), ram.pull(keys, True))
+                args = _pushed(idx, day * 10 + step)
+                ram.push(*args)
+                tiered.push(*args)
+            assert _cold_rows(tiered) > 0
+            ram.day_tick()
+            tiered.day_tick()
+            assert tiered.shrink() == ram.shrink()
+            _assert_exports_equal(_sorted_export(tiered, 0), _sorted_export(ram, 0))
+        assert not split or ram.export(0)["has_embedx"].any()
+
+
+def _cold_and_hot(table):
+    shard = table.shards[0]
+    cold = UNIVERSE[shard.map.lookup(UNIVERSE) < 0]
+    hot = np.setdiff1d(UNIVERSE, cold)
+    return shard, cold, hot
+
+
+@pytest.mark.parametrize("storage", ["ssd", "memory"])
+def test_a_training_pull_promotes_a_cold_key_and_a_read_only_pull_does_not(storage):
+    with tiered_pair(storage, shards=1) as (ram, tiered):
+        for t in (ram, tiered):
+            t.pull(UNIVERSE, training=True)
+            t.push(*_pushed(list(range(N_KEYS)), 1))
+        shard, cold, hot = _cold_and_hot(tiered)
+        assert len(cold) >= N_KEYS - shard.cold.budget_rows and len(hot) <= shard.cold.budget_rows
+        before = tiered.stats()
+        np.testing.assert_array_equal(tiered.pull(cold[:5], training=False),
+                                      ram.pull(cold[:5], training=False))
+        assert tiered.stats() == before
+        assert np.all(shard.map.lookup(cold[:5]) < 0)
+        assert shard.cold.tier.get(cold[:5])[0].all()
+        absent = np.array([1, 2, 3], np.uint64)  # in no tier: read as zeros, create nothing
+        assert np.all(tiered.pull(absent, training=False) == 0) and len(tiered) == N_KEYS
+
+        np.testing.assert_array_equal(tiered.pull(cold[:5], training=True),
+                                      ram.pull(cold[:5], training=True))
+        assert np.all(shard.map.lookup(cold[:5]) >= 0)
+        assert not shard.cold.tier.get(cold[:5])[0].any()
+        assert len(tiered) == N_KEYS
+        _assert_exports_equal(_sorted_export(tiered, 0), _sorted_export(ram, 0))
+
+
+def test_a_push_to_a_cold_key_promotes_and_updates_it():
+    with tiered_pair("ssd", shards=1) as (ram, tiered):
+        for t in (ram, tiered):
+            t.pull(UNIVERSE, training=True)
+        shard, cold, _ = _cold_and_hot(tiered)
+        args = _pushed(np.flatnonzero(np.isin(UNIVERSE, cold[:4])), 7)
+        ram.push(*args)
+        tiered.push(*args)
+        assert np.all(shard.map.lookup(cold[:4]) >= 0)
+        _assert_exports_equal(_sorted_export(tiered, 0), _sorted_export(ram, 0))
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2])
+@pytest.mark.parametrize("storage", ["ssd", "memory"])
+def test_export_and_load_across_tiers_equal_the_all_ram_tables(mode, storage):
+    with tiered_pair(storage) as (ram, tiered), tiered_pair(storage) as (ram2, tiered2):
+        for t in (ram, tiered):
+            t.pull(UNIVERSE, training=True)
+            for step in range(4):
+                t.push(*_pushed(list(range(step * 20, N_KEYS, 3)), step))
+            t.day_tick()
+        assert _cold_rows(tiered) > 0
+        got, want = _sorted_export(tiered, mode), _sorted_export(ram, mode)
+        _assert_exports_equal(got, want)
+        if mode == 1:  # the delta save reset the written rows' delta score in both tiers
+            _assert_exports_equal(_sorted_export(tiered, 0), _sorted_export(ram, 0))
+        ram2.load_rows(want)
+        tiered2.load_rows(got)
+        assert len(tiered2) == len(ram2) == len(want["keys"])
+        _assert_within_budget(tiered2)
+        _assert_exports_equal(_sorted_export(tiered2, 0), _sorted_export(ram2, 0))
+        tiered2.load_rows(got)  # loading again overwrites: each key still in exactly one tier
+        assert len(tiered2) == len(want["keys"])
+        _assert_exports_equal(_sorted_export(tiered2, 0), _sorted_export(ram2, 0))
+
+
+def test_a_reopened_rocksdb_has_the_cold_rows():
+    with tiered_pair("ssd", shards=2) as (_, tiered):
+        tiered.pull(UNIVERSE, training=True)
+        tiered.push(*_pushed(list(range(N_KEYS)), 3))
+        cold = np.concatenate([k for s in tiered.shards for k, _ in s.cold.tier.batches(1000)])
+        assert len(cold) == _cold_rows(tiered) > 0
+        want = tiered.pull(cold, training=False)
+        tiered.close()
+        again = SparseTable(tiered.spec)
+        try:
+            assert len(again) == len(cold) and again.stats()["tiers"]["arena"]["rows"] == 0
+            np.testing.assert_array_equal(again.pull(cold, training=False), want)
+            np.testing.assert_array_equal(again.pull(cold, training=True), want)  # promoted
+            assert _cold_rows(again) < len(cold)
+        finally:
+            again.close()
+        with pytest.raises(TableError, match="another width"):
+            SparseTable(dataclasses.replace(tiered.spec, dim=DIM + 1))
+
+
+def test_stats_report_rows_and_bytes_per_tier():
+    with tiered_pair("ssd") as (ram, tiered):
+        tiered.pull(UNIVERSE, training=True)
+        s = tiered.stats()
+        hot, cold = s["tiers"]["arena"], s["tiers"]["cold.ssd"]
+        assert hot["rows"] + cold["rows"] == s["rows"] == N_KEYS
+        assert 0 < hot["rows"] <= s["budget_rows"] and cold["rows"] > 0
+        assert cold["bytes"] == cold["rows"] * (4 * (tiered.shards[0].width + 1) + 8)
+        assert "tiers" not in ram.stats()
+        assert all(shard.cold is None for shard in ram.shards)  # no budget: the plain arena
+
+
+def test_servers_of_one_process_get_their_own_rocksdb():
+    path = tempfile.mkdtemp(prefix="shoal-tiers-")
+    spec = SparseTableSpec(name="t", dim=DIM, storage="ssd", ssd_path=path, memory_budget_mb=1e-3,
+                           shards=1)
+    a, b = SparseTable(spec, server=0), SparseTable(spec, server=1)
+    try:
+        a.pull(UNIVERSE[:100], training=True)
+        b.pull(UNIVERSE[100:], training=True)
+        assert len(a) == 100 and len(b) == N_KEYS - 100 and _cold_rows(a) > 0
+        assert np.all(b.pull(UNIVERSE[:100], training=False) == 0)
+    finally:
+        a.close()
+        b.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(storage="disk"), "storage='disk' is invalid; choose one of \\['memory', 'ssd'\\]"),
+    (dict(memory_budget_mb=0), "memory_budget_mb=0 is invalid"),
+    (dict(memory_budget_mb=-1.0), "memory_budget_mb=-1.0 is invalid"),
+    (dict(storage="ssd", memory_budget_mb=1.0), "needs a directory for RocksDB"),
+    (dict(storage="ssd", ssd_path="/tmp/x"), "set memory_budget_mb"),
+    (dict(eviction="lru"), "choose one of \\['unseen_days', 'lfu'\\]"),
+    (dict(ssd_path=""), "ssd_path='' is invalid"),
+])
+def test_bad_tier_specs_say_what_and_how_to_fix(fields, match):
+    with pytest.raises(TableError, match=match):
+        SparseTableSpec(name="t", dim=4, **fields)
+
+
+def test_an_unknown_tier_lists_the_known_ones():
+    assert tier_names() == ("memory", "ssd")
+    with pytest.raises(TableError, match=r"'nvme' is not registered; known tiers: \['memory', 'ssd'\]"):
+        make_tier("nvme", width=4, table="t", shard=0, server=0, path=None)
+    assert isinstance(make_tier("memory", width=4, table="t", shard=0, server=0, path=None),
+                      MemoryTier)
+
+
+def test_the_strategy_tier_group_becomes_the_spec():
+    s = DistributedStrategy.from_dict({"sparse_table": {
+        "default": {"tier": {"memory_budget_mb": 8}},
+        "tables": {"user": {"tier": {"storage": "ssd", "ssd_path": "/data/ssd", "eviction": "lfu"}}}}})
+    spec = SparseTableSpec(name="user", dim=8, **s.table_config("user").spec_fields())
+    assert (spec.storage, spec.memory_budget_mb, spec.ssd_path, spec.eviction) == \
+        ("ssd", 8.0, "/data/ssd", "lfu")
+    other = SparseTableSpec(name="item", dim=8, **s.table_config("item").spec_fields())
+    assert (other.storage, other.memory_budget_mb, other.ssd_path) == ("memory", 8.0, None)
+
+
+@pytest.mark.parametrize("tier,match", [
+    ({"storage": "ssd", "memory_budget_mb": 8}, "needs tier.ssd_path"),
+    ({"storage": "ssd", "ssd_path": "/x"}, "set tier.memory_budget_mb"),
+    ({"memory_budget_mb": 0}, "greater than 0"),
+    ({"storage": "hdd"}, "choose one of 'memory', 'ssd'"),
+    ({"budget": 8}, "unknown key 'budget'; valid keys of TierConfig are: storage, memory_budget_mb"),
+])
+def test_bad_tier_settings_in_the_strategy_are_refused(tier, match):
+    with pytest.raises(StrategyError, match=match):
+        DistributedStrategy.from_dict({"sparse_table": {"default": {"tier": tier}}})

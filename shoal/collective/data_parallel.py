@@ -21,7 +21,6 @@ ReplicaDriftError when a replica differs.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import sys
 import weakref
@@ -31,6 +30,7 @@ import numpy as np
 from shoal.collective import _api
 from shoal.collective.errors import InvalidArgumentError, ReplicaDriftError
 from shoal.kernels import backend_of
+from shoal.collective._grad_sync import GradSync
 from shoal.worker import autograd
 from shoal.worker.nn.layer import Layer
 from shoal.worker.sparse import SparseGrad
@@ -57,7 +57,7 @@ class _Bucket:
         return xp.empty(n, dtype=self.dtype)
 
 
-class DataParallel(Layer):
+class DataParallel(GradSync, Layer):
     """Wrap `layers` for data-parallel training over `group` (the world by default).
 
     Args:
@@ -155,25 +155,10 @@ class DataParallel(Layer):
 
     load_dict = set_state_dict
 
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Backward passes inside only accumulate locally; the next one outside reduces all."""
-        object.__setattr__(self, "_no_sync_depth", self._no_sync_depth + 1)
-        try:
-            yield
-        finally:
-            object.__setattr__(self, "_no_sync_depth", self._no_sync_depth - 1)
-
     # -- gradients ---------------------------------------------------------------------
     def _on_grad(self, param) -> None:
-        if self._no_sync_depth or not self._merge_sync:
+        if not self._reducing_pass():
             return
-        pass_id = autograd.backward_pass()
-        if pass_id != self._pass_id:
-            if self._pass_id is not None:  # the last pass raised before it ended: drop it
-                self._reset(wait=True)
-            object.__setattr__(self, "_pass_id", pass_id)
-            autograd.queue_callback(self._finish_pass)
         bucket, i = self._where[id(param)]
         bucket.ready.add(i)
         while self._next < len(self._buckets) and \

@@ -21,7 +21,6 @@ the same shard in the other sharding groups.
 """
 from __future__ import annotations
 
-import contextlib
 import weakref
 
 import numpy as np
@@ -31,7 +30,7 @@ from shoal.collective.errors import InvalidArgumentError
 from shoal.collective.sharding._memory import held_bytes
 from shoal.collective.sharding._plan import plan
 from shoal.kernels import backend_of
-from shoal.worker import autograd
+from shoal.collective._grad_sync import GradSync
 from shoal.worker.nn.layer import Layer
 from shoal.worker.sparse import SparseGrad
 
@@ -82,7 +81,7 @@ def sharding_groups(sharding_degree: int):
     return mine, dp
 
 
-class ShardedDataParallel(Layer):
+class ShardedDataParallel(GradSync, Layer):
     """Wrap `layers` for ZeRO-sharded data-parallel training (stage 1 or 2) over `group`.
 
     Args:
@@ -231,26 +230,10 @@ class ShardedDataParallel(Layer):
         the state is the bound ShardingOptimizer's (0 before one is bound)."""
         return held_bytes(self, self._optimizer())
 
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Backward passes inside only accumulate locally (in full); the next one outside
-        reduces what accumulated."""
-        object.__setattr__(self, "_no_sync_depth", self._no_sync_depth + 1)
-        try:
-            yield
-        finally:
-            object.__setattr__(self, "_no_sync_depth", self._no_sync_depth - 1)
-
     # -- gradients ---------------------------------------------------------------------
     def _on_grad(self, param) -> None:
-        if self._no_sync_depth or not self._merge_sync:
+        if not self._reducing_pass():
             return
-        pass_id = autograd.backward_pass()
-        if pass_id != self._pass_id:
-            if self._pass_id is not None:  # the last pass raised before it ended: drop it
-                self._reset(wait=True)
-            object.__setattr__(self, "_pass_id", pass_id)
-            autograd.queue_callback(self._finish_pass)
         self._poll()
         bucket, i = self._where[id(param)]
         self._take(bucket, i)

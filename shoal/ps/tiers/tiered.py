@@ -147,7 +147,6 @@ class ColdRows:
                          for _, rec in self.tier.batches(BATCH)))
 
     def stats(self) -> dict:
-        sh = self.shard
         return {"rows": len(self.tier), "bytes": self.tier.nbytes(), "budget_rows": self.budget_rows}
 
     def close(self) -> None:

@@ -62,10 +62,15 @@ namespace {
 
 constexpr uint64_t kMagic = 0x73686f616c73686dULL;  // "shoalshm"
 constexpr size_t kLine = 64;
-// A peer on another core arrives within a few microseconds: spin that long (~2.5 us). On these
-// oversubscribed 2-vCPU machines the peer often shares this core: spinning longer only delays
-// it (a 20 us spin made every barrier cost 20 us), so yield next, for up to 100 us, then sleep.
-constexpr int kSpins = 256;
+// How long a wait spins adapts: a peer running on another core arrives within the spin, and
+// once it stops spinning the core may go to another process for milliseconds (a nice'd busy
+// loop took it for 3-10 ms per all-reduce inside a training step), so a spin that succeeds is
+// doubled, up to kSpinsMax (~0.5 ms). On an oversubscribed machine the peer often shares this
+// core and spinning only delays it (a 20 us spin made every barrier cost 20 us): a spin that
+// runs out is quartered, down to kSpinsMin (~2.5 us), then the wait yields for up to 100 us and
+// sleeps.
+constexpr int kSpinsMin = 256;
+constexpr int kSpinsMax = 65536;
 constexpr int kYieldUs = 100;
 constexpr size_t kTile = 16 << 10;  // bytes reduced per step of a partition (fits L1)
 constexpr long kSleepNs = 2'000'000;  // futex waits of at most 2 ms between deadline checks
@@ -519,10 +524,14 @@ private:
         Line* l = line(r);
         const uint32_t target = epoch_;
         stats_.waits++;
-        for (int i = 0; i < kSpins; i++) {
-            if (reached(l->seq.load(std::memory_order_acquire), target)) return;
+        for (int i = 0; i < spins_; i++) {
+            if (reached(l->seq.load(std::memory_order_acquire), target)) {
+                spins_ = std::min(kSpinsMax, spins_ * 2);
+                return;
+            }
             SHOAL_PAUSE();
         }
+        spins_ = std::max(kSpinsMin, spins_ / 4);
         const auto t0 = Clock::now();
         struct Timed {  // the time past the spin, on every way out
             WaitStats& st; Clock::time_point t0;
@@ -571,6 +580,7 @@ private:
         uint64_t waits = 0, yields = 0, sleeps = 0;  // waits, and those past the spin, the yields
         double seconds = 0;                          // time in waits past the spin
     } stats_;
+    int spins_ = kSpinsMin;  // the current spin length (one issuing thread uses a segment)
     std::string name_;
     int rank_, world_;
     size_t chunk_, data_off_ = 0, total_ = 0;

@@ -32,7 +32,7 @@ from shoal.collective.errors import InvalidArgumentError, ReplicaDriftError
 from shoal.kernels import backend_of
 from shoal.collective._grad_sync import GradSync
 from shoal.worker import autograd
-from shoal.worker.nn.layer import Layer
+from shoal.worker.nn.layer import Layer, LayerWrapper
 from shoal.worker.sparse import SparseGrad
 
 
@@ -57,7 +57,7 @@ class _Bucket:
         return xp.empty(n, dtype=self.dtype)
 
 
-class DataParallel(GradSync, Layer):
+class DataParallel(GradSync, LayerWrapper):
     """Wrap `layers` for data-parallel training over `group` (the world by default).
 
     Args:
@@ -145,15 +145,6 @@ class DataParallel(GradSync, Layer):
             if self._forwards % self._check_every == 0:
                 self.check_replicas()
         return self._layers(*args, **kwargs)
-
-    def state_dict(self):
-        """The wrapped layer's state dict (the same keys as without DataParallel)."""
-        return self._layers.state_dict()
-
-    def set_state_dict(self, state_dict, strict: bool = True):
-        return self._layers.set_state_dict(state_dict, strict)
-
-    load_dict = set_state_dict
 
     # -- gradients ---------------------------------------------------------------------
     def _on_grad(self, param) -> None:

@@ -11,7 +11,7 @@ import numpy as np
 
 from shoal.configs._collective import AmpConfig
 from shoal.fleet.errors import FleetError
-from shoal.worker.nn.layer import Layer
+from shoal.worker.nn.layer import Layer, LayerWrapper
 
 
 class _Params:
@@ -78,7 +78,7 @@ class AmpStep:
         self.skipped = int(state.get("skipped", 0))
 
 
-class AutoCastLayer(Layer):
+class AutoCastLayer(LayerWrapper):
     """`layers` whose forward runs under shoal.amp.auto_cast with the strategy's level and lists;
     float16 outputs come back as float32, so the loss computed outside the model runs in
     float32 too. State dicts have the wrapped layer's keys."""
@@ -96,14 +96,6 @@ class AutoCastLayer(Layer):
         if isinstance(out, dict):
             return {k: _float32(v) for k, v in out.items()}
         return _float32(out)
-
-    def state_dict(self):
-        return self._layers.state_dict()
-
-    def set_state_dict(self, state_dict, strict: bool = True):
-        return self._layers.set_state_dict(state_dict, strict)
-
-    load_dict = set_state_dict
 
 
 def _float32(t):

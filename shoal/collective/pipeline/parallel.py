@@ -41,7 +41,7 @@ from shoal.collective.pipeline.schedule import (SCHEDULES, Backward, Forward, Op
                                                 forward_only)
 from shoal.kernels import backend_of
 from shoal.worker import autograd
-from shoal.worker.nn.layer import Layer
+from shoal.worker.nn.layer import LayerWrapper
 from shoal.worker.tensor import Tensor
 
 _COMPUTE = ("Forward", "Backward")
@@ -68,7 +68,7 @@ class _Run:
         self.acts_posted = self.grads_posted = 0   # of those, how many are posted ahead
 
 
-class PipelineParallel(Layer):
+class PipelineParallel(LayerWrapper):
     """Train `pipeline_layer`'s stage in a pipeline of `pipeline_layer.num_stages` ranks.
 
     Args:
@@ -228,13 +228,6 @@ class PipelineParallel(Layer):
     def forward(self, x):
         """This stage's layers only (no communication)."""
         return self._layers(x)
-
-    def state_dict(self):
-        """This stage's state dict (the keys of the full model's layers it holds)."""
-        return self._layers.state_dict()
-
-    def set_state_dict(self, state_dict, strict: bool = True):
-        return self._layers.set_state_dict(state_dict, strict)
 
     # -- batches ---------------------------------------------------------------------------
     def train_batch(self, data, optimizer, lr_scheduler=None, scaler=None) -> float:

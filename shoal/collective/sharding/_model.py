@@ -31,7 +31,7 @@ from shoal.collective.sharding._memory import held_bytes
 from shoal.collective.sharding._plan import plan
 from shoal.kernels import backend_of
 from shoal.collective._grad_sync import GradSync
-from shoal.worker.nn.layer import Layer
+from shoal.worker.nn.layer import Layer, LayerWrapper
 from shoal.worker.sparse import SparseGrad
 
 _IN_FLIGHT = 2   # stage 2: largest buckets' worth of collectives started, not finalized, at most
@@ -81,7 +81,7 @@ def sharding_groups(sharding_degree: int):
     return mine, dp
 
 
-class ShardedDataParallel(GradSync, Layer):
+class ShardedDataParallel(GradSync, LayerWrapper):
     """Wrap `layers` for ZeRO-sharded data-parallel training (stage 1 or 2) over `group`.
 
     Args:
@@ -206,15 +206,6 @@ class ShardedDataParallel(GradSync, Layer):
     # -- the layer -------------------------------------------------------------------
     def forward(self, *args, **kwargs):
         return self._layers(*args, **kwargs)
-
-    def state_dict(self):
-        """The wrapped layer's state dict (every parameter, in full, on every rank)."""
-        return self._layers.state_dict()
-
-    def set_state_dict(self, state_dict, strict: bool = True):
-        return self._layers.set_state_dict(state_dict, strict)
-
-    load_dict = set_state_dict
 
     @property
     def stage(self) -> int:

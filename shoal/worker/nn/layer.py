@@ -306,3 +306,17 @@ class Layer:
             lines.append(f"  ({name}): {body}")
         head = f"{type(self).__name__}({self.extra_repr()}"
         return head + ")" if not lines else head + "\n" + "\n".join(lines) + "\n)"
+
+
+class LayerWrapper(Layer):
+    """A Layer that wraps another as `self._layers` (DataParallel, ShardedDataParallel, AMP's
+    AutoCastLayer, PipelineParallel): its state dict has the wrapped layer's keys, so a model
+    saves and loads the same with or without the wrapper."""
+
+    def state_dict(self):
+        return self._layers.state_dict()
+
+    def set_state_dict(self, state_dict, strict: bool = True):
+        return self._layers.set_state_dict(state_dict, strict)
+
+    load_dict = set_state_dict

@@ -44,6 +44,8 @@
 #include <utility>
 #include <vector>
 
+#include "reduce_op.h"
+
 namespace py = pybind11;
 using std::chrono::milliseconds;
 
@@ -154,7 +156,8 @@ void dispatch(DType dt, F&& f) {
     }
 }
 
-enum class Op { Sum, Max, Min, Prod };
+using shoal_reduce::Op;
+using shoal_reduce::apply;
 
 Op parse_op(const char* opname, const std::string& op) {
     if (op == "sum") return Op::Sum;
@@ -162,24 +165,6 @@ Op parse_op(const char* opname, const std::string& op) {
     if (op == "min") return Op::Min;
     if (op == "prod") return Op::Prod;
     throw py::value_error(std::string(opname) + ": unknown op '" + op + "'; expected one of: sum, max, min, prod");
-}
-
-template <Op op, typename T>
-inline T apply(T a, T b) {
-    if constexpr (std::is_integral_v<T>) {
-        // Wrap around on overflow like numpy (signed overflow is undefined in C++).
-        using U = std::make_unsigned_t<T>;
-        if constexpr (op == Op::Sum) return static_cast<T>(static_cast<U>(static_cast<U>(a) + static_cast<U>(b)));
-        if constexpr (op == Op::Prod) return static_cast<T>(static_cast<U>(static_cast<U>(a) * static_cast<U>(b)));
-        if constexpr (op == Op::Max) return a < b ? b : a;
-        if constexpr (op == Op::Min) return b < a ? b : a;
-    } else {
-        if constexpr (op == Op::Sum) return a + b;
-        if constexpr (op == Op::Prod) return a * b;
-        // NaN propagates, as in np.maximum / np.minimum.
-        if constexpr (op == Op::Max) return (b > a || b != b) ? b : a;
-        if constexpr (op == Op::Min) return (b < a || b != b) ? b : a;
-    }
 }
 
 template <Op op, typename T>

@@ -55,6 +55,8 @@
 #define SHOAL_PAUSE() std::atomic_signal_fence(std::memory_order_seq_cst)
 #endif
 
+#include "reduce_op.h"
+
 namespace py = pybind11;
 using Clock = std::chrono::steady_clock;
 
@@ -127,27 +129,11 @@ bool alive(int32_t pid) {
 // ---------------------------------------------------------------- dtypes and reductions
 
 enum class DType : uint32_t { F16, F32, F64, I8, U8, I32, I64 };
-enum class Op : uint32_t { Sum, Max, Min, Prod };
+using shoal_reduce::Op;
+using shoal_reduce::apply;
 enum class Kind : uint32_t { AllReduce = 1, Broadcast = 2, AllGather = 3 };
 
 const char* kDtypes = "float16, float32, float64, int8, uint8, int32, int64";
-
-template <Op op, typename T>
-inline T apply(T a, T b) {
-    if constexpr (std::is_integral_v<T>) {
-        using U = std::make_unsigned_t<T>;  // wrap around like numpy (signed overflow is UB)
-        if constexpr (op == Op::Sum) return static_cast<T>(static_cast<U>(static_cast<U>(a) + static_cast<U>(b)));
-        if constexpr (op == Op::Prod) return static_cast<T>(static_cast<U>(static_cast<U>(a) * static_cast<U>(b)));
-        if constexpr (op == Op::Max) return a < b ? b : a;
-        if constexpr (op == Op::Min) return b < a ? b : a;
-    } else {
-        if constexpr (op == Op::Sum) return a + b;
-        if constexpr (op == Op::Prod) return a * b;
-        // NaN propagates, as in np.maximum / np.minimum
-        if constexpr (op == Op::Max) return (b > a || b != b) ? b : a;
-        if constexpr (op == Op::Min) return (b < a || b != b) ? b : a;
-    }
-}
 
 // d[i] = a[i] op b[i] (acc: d[i] = d[i] op b[i]) over distinct buffers, so the loops vectorize.
 template <Op op, typename T>

@@ -3,6 +3,7 @@ and starting a backward pass's reduction from the first gradient hook of the pas
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 from shoal.worker import autograd
 
@@ -10,7 +11,33 @@ from shoal.worker import autograd
 class GradSync:
     """A mixin for Layer wrappers that reduce gradients from post-accumulate hooks. The class
     sets `_no_sync_depth = 0`, `_merge_sync = True`, `_pass_id = None` at construction and
-    defines `_finish_pass()` (queued to run when a reducing pass ends) and `_reset(wait=)`."""
+    defines `_on_grad(param)`, `_finish_pass()` (queued to run when a reducing pass ends) and
+    `_reset(wait=)`."""
+
+    def _take_over(self, layers) -> None:
+        """Become the one wrapper reducing `layers`' gradients: a wrapper made before (a
+        DataParallel or sharded one, over another group say) loses its hooks."""
+        previous = getattr(layers, "_shoal_data_parallel", lambda: None)()
+        if previous is not None:
+            previous._detach()
+        object.__setattr__(layers, "_shoal_data_parallel", weakref.ref(self))
+
+    def _hook(self, params) -> None:
+        """Call `_on_grad(p)` after each backward pass accumulated p's gradient (held weakly:
+        a dropped wrapper's hooks do nothing)."""
+        me = weakref.ref(self)
+
+        def hook(param):
+            wrapper = me()
+            if wrapper is not None:
+                wrapper._on_grad(param)
+        object.__setattr__(self, "_hooks", [p.register_post_accumulate_grad_hook(hook)
+                                            for p in params])
+
+    def _detach(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        object.__setattr__(self, "_hooks", [])
 
     @contextlib.contextmanager
     def no_sync(self):

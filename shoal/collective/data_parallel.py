@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import weakref
 
 import numpy as np
 
@@ -87,10 +86,7 @@ class DataParallel(GradSync, LayerWrapper):
         object.__setattr__(self, "_merge_sync", True)   # gradient merge: False in micro-steps
         object.__setattr__(self, "_pass_id", None)      # the backward pass being reduced
         object.__setattr__(self, "_next", 0)   # the next bucket to start
-        previous = getattr(layers, "_shoal_data_parallel", lambda: None)()
-        if previous is not None:  # wrapped again (a new group, say): the old hooks go
-            previous._detach()
-        object.__setattr__(layers, "_shoal_data_parallel", weakref.ref(self))
+        self._take_over(layers)
         self._broadcast_state()
         params = [p for p in layers.parameters() if p.requires_grad]
         object.__setattr__(self, "_buckets", self._bucketize(params, fuse_grad_size_in_MB))
@@ -99,19 +95,7 @@ class DataParallel(GradSync, LayerWrapper):
             for i, p in enumerate(b.params):
                 where[id(p)] = (b, i)
         object.__setattr__(self, "_where", where)
-        me = weakref.ref(self)
-
-        def hook(param):
-            dp = me()
-            if dp is not None:
-                dp._on_grad(param)
-        object.__setattr__(self, "_hooks", [p.register_post_accumulate_grad_hook(hook)
-                                            for p in params])
-
-    def _detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        object.__setattr__(self, "_hooks", [])
+        self._hook(params)
 
     # -- setup -----------------------------------------------------------------------
     def _broadcast_state(self) -> None:

@@ -21,7 +21,6 @@ the same shard in the other sharding groups.
 """
 from __future__ import annotations
 
-import weakref
 
 import numpy as np
 
@@ -135,10 +134,7 @@ class ShardedDataParallel(GradSync, LayerWrapper):
                             ("_completed", []), ("_started", []), ("_learned", False)):
             object.__setattr__(self, name, value)
         self._check_layout(params)
-        previous = getattr(layers, "_shoal_data_parallel", lambda: None)()
-        if previous is not None:  # wrapped before (DataParallel or sharded): its hooks go
-            previous._detach()
-        object.__setattr__(layers, "_shoal_data_parallel", weakref.ref(self))
+        self._take_over(layers)
         self._broadcast_state()
         buckets, owner = plan(params, g.size, int(fuse_grad_size_in_MB * (1 << 20)))
         where = {id(p): (b, i) for b in buckets for i, p in enumerate(b.params)}
@@ -147,14 +143,7 @@ class ShardedDataParallel(GradSync, LayerWrapper):
         object.__setattr__(self, "_owner", owner)
         object.__setattr__(self, "_where", where)
         object.__setattr__(self, "_order", list(range(len(buckets))))   # launch order
-        me_ref = weakref.ref(self)
-
-        def hook(param):
-            model = me_ref()
-            if model is not None:
-                model._on_grad(param)
-        object.__setattr__(self, "_hooks", [p.register_post_accumulate_grad_hook(hook)
-                                            for p in params])
+        self._hook(params)
 
     @classmethod
     def from_config(cls, layers: Layer, sharding_configs, *, fuse_grad_size_in_MB: float = 32):
@@ -170,11 +159,6 @@ class ShardedDataParallel(GradSync, LayerWrapper):
         group, dp = sharding_groups(d)
         return cls(layers, stage=sharding_configs.stage, group=group, dp_group=dp,
                    fuse_grad_size_in_MB=fuse_grad_size_in_MB)
-
-    def _detach(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        object.__setattr__(self, "_hooks", [])
 
     # -- setup -----------------------------------------------------------------------
     def _check_layout(self, params) -> None:

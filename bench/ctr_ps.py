@@ -43,7 +43,8 @@ from shoal.worker.data import InMemoryDataset, SlotList  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 JOB = REPO / "examples" / "ctr_dnn.py"
-PRESET = {"sync": "ps_sync", "async": "ps_async", "geo": "ps_geo", "half_async": "ps_half_async"}
+PRESET = {"sync": "ps_sync", "async": "ps_async", "geo": "ps_geo", "half_async": "ps_half_async",
+          "pass": "ps_pass"}
 SIZES = (26 * 9 + 13, 400, 400, 400, 2)
 
 

@@ -8,6 +8,7 @@ trains one epoch, evaluates the held-out part with read-only pulls, and ends wit
 
     python examples/ctr_dnn.py                         # local mode: one process
     fleetrun --server_num 2 --worker_num 2 examples/ctr_dnn.py --strategy ps_async
+    fleetrun --server_num 2 --worker_num 2 examples/ctr_dnn.py --strategy ps_pass   # pass mode
     python examples/ctr_dnn.py --data DIR              # DIR/train/*, DIR/test/* in MultiSlot text
     python examples/ctr_dnn.py --save ckpt --steps 200 && python examples/ctr_dnn.py --resume ckpt
 
@@ -77,7 +78,7 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=0, help="stop after this many steps (0: the epochs)")
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--strategy", help="a preset name (ps_sync, ps_async, ps_half_async, ps_geo) "
+    ap.add_argument("--strategy", help="a preset name (ps_sync, ps_async, ps_half_async, ps_geo, ps_pass) "
                                        "or a YAML file; default: fleetrun's --strategy, else async")
     ap.add_argument("--save", help="save_persistables into this directory at the end")
     ap.add_argument("--resume", help="continue from a directory written by --save")
@@ -142,6 +143,7 @@ def train(args, ds, model, opt, progress, timer, start_step: int) -> tuple[int, 
     last = args.epochs * per_epoch if not args.steps else min(args.steps, args.epochs * per_epoch)
     for epoch in range(start_step // per_epoch, args.epochs if start_step < last else 0):
         skip = start_step - epoch * per_epoch if epoch == start_step // per_epoch else 0
+        fleet.begin_pass(ds)  # pass mode (ps_pass): the epoch is one pass; other modes: nothing
         batches = fleet.prefetched(ds.batches(skip=skip), model)
         t_data = time.perf_counter()
         for batch in batches:
@@ -174,6 +176,9 @@ def train(args, ds, model, opt, progress, timer, start_step: int) -> tuple[int, 
             t_data = time.perf_counter()
             if args.steps and step >= args.steps:
                 break
+        t0 = time.perf_counter()
+        fleet.end_pass()  # pass mode: write the pass back (its time counts as push wait)
+        timer.add("push_wait", time.perf_counter() - t0)
         if args.steps and step >= args.steps:
             break
     elapsed = time.perf_counter() - t_start

@@ -38,6 +38,7 @@ class CommMode(enum.Enum):
     ASYNC = "async"            # a background thread merges and sends; no barrier
     HALF_ASYNC = "half_async"  # async sends, with a barrier per step
     GEO = "geo"                # train a local copy k steps, then push deltas and pull
+    PASS = "pass"              # train a whole pass against a worker-side copy, then write it back
 
 
 class AsyncConfig(ConfigModel):
@@ -53,8 +54,9 @@ class AsyncConfig(ConfigModel):
     runtime_split_send_recv: bool = Field(False, description="split variables over servers at run time")
     launch_barrier: bool = Field(True, description="workers wait until every server is up")
     lr_decay_steps: int = Field(10, description="GEO/async: steps between learning-rate syncs")
-    use_ps_gpu: bool = Field(False, description="pass mode: train a whole pass against a worker-side "
-                                                "cache in GPU memory")
+    use_ps_gpu: bool = Field(False, description="pass mode: train a whole pass (fleet.train_pass) "
+                                                "against a worker-side copy of its rows, in GPU "
+                                                "memory when the model runs on cupy")
     half_async: bool = Field(False, description="Shoal's own: async sends with a barrier per step "
                                                 "(needs a_sync: true and k_steps <= 0)")
 
@@ -70,6 +72,14 @@ def _mode_conflicts(a_sync: bool, cfg: AsyncConfig) -> list[tuple[str, str]]:
         out.append((f"a_sync_configs.half_async=true contradicts a_sync_configs.k_steps={cfg.k_steps} "
                     f"(GEO mode): set k_steps <= 0 for half-async, or half_async: false for GEO",
                     "a_sync_configs.half_async"))
+    if cfg.use_ps_gpu and cfg.half_async:
+        out.append(("a_sync_configs.use_ps_gpu=true (pass mode) contradicts "
+                    "a_sync_configs.half_async=true: choose one of the two modes",
+                    "a_sync_configs.use_ps_gpu"))
+    if cfg.use_ps_gpu and cfg.k_steps > 0:
+        out.append((f"a_sync_configs.use_ps_gpu=true (pass mode) contradicts "
+                    f"a_sync_configs.k_steps={cfg.k_steps} (GEO mode): set k_steps <= 0 for pass "
+                    f"mode, or use_ps_gpu: false for GEO", "a_sync_configs.use_ps_gpu"))
     return out
 
 
@@ -125,12 +135,15 @@ class DistributedStrategy(ConfigModel):
 
     @property
     def communicator_mode(self) -> CommMode:
-        """SYNC when a_sync is false; else HALF_ASYNC with a_sync_configs.half_async, GEO with
-        a_sync_configs.k_steps > 0, ASYNC otherwise. Raises StrategyError on a contradiction
-        (possible after an in-place edit of a_sync_configs)."""
+        """PASS with a_sync_configs.use_ps_gpu (either a_sync); else SYNC when a_sync is false;
+        else HALF_ASYNC with a_sync_configs.half_async, GEO with a_sync_configs.k_steps > 0,
+        ASYNC otherwise. Raises StrategyError on a contradiction (possible after an in-place
+        edit of a_sync_configs)."""
         conflicts = _mode_conflicts(self.a_sync, self.a_sync_configs)
         if conflicts:
             raise StrategyError(conflicts[0][0], [m for m, _ in conflicts])
+        if self.a_sync_configs.use_ps_gpu:
+            return CommMode.PASS
         if not self.a_sync:
             return CommMode.SYNC
         if self.a_sync_configs.half_async:

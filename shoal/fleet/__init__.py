@@ -23,6 +23,7 @@ the RPC timeout). One training thread per process drives fleet.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 from shoal.configs import DistributedStrategy
@@ -183,6 +184,37 @@ def flush() -> None:
     rt._flush()
 
 
+def begin_pass(dataset=None, slots: dict | None = None, *, keys: dict | None = None) -> bool:
+    """Pass mode (a_sync_configs.use_ps_gpu): pull the whole records of every key of `dataset`
+    (an InMemoryDataset with its data loaded) once into this worker's copy; the pass's steps then
+    train against it without an RPC. `slots` maps each sparse table to the dataset slots that
+    feed it (needed when the model has several tables); `keys` ({table: uint64 keys}) replaces
+    the dataset for other readers. In other modes it does nothing and returns False, so one
+    script runs in every mode. Blocks."""
+    return _rt("begin_pass").begin_pass(dataset, slots, keys)
+
+
+def end_pass() -> None:
+    """Pass mode: write the pass back, merged with the other workers' (every worker calls);
+    the dense values are then the servers'. Nothing in other modes. Blocks."""
+    _rt("end_pass").end_pass()
+
+
+@contextlib.contextmanager
+def train_pass(dataset, slots: dict | None = None):
+    """`begin_pass(dataset, slots)` ... `end_pass()` around a block. If the block raises, the
+    pass is not ended (the other workers would wait for a write-back that may never be whole);
+    the error propagates::
+
+        with fleet.train_pass(train_set):
+            for batch in train_set.batches():
+                ...
+    """
+    begin_pass(dataset, slots)
+    yield
+    end_pass()
+
+
 def barrier_worker() -> None:
     _rt("barrier_worker").barrier_worker()
 
@@ -235,6 +267,6 @@ __all__ = ["init", "is_server", "is_worker", "is_first_worker", "worker_index", 
            "server_num", "is_local", "strategy", "distributed_model", "distributed_optimizer",
            "init_server", "run_server", "init_worker", "stop_worker", "flush", "barrier_worker",
            "save_persistables", "load_model", "shrink", "reduce_sum", "all_to_all", "communicator",
-           "restart_step",
+           "restart_step", "begin_pass", "end_pass", "train_pass",
            "prefetched",
            "DistributedOptimizer", "DistributedStrategy", "FleetError"]

@@ -22,7 +22,7 @@ from shoal.fleet._strategy import StrategyChoice
 from shoal.fleet.errors import FleetError
 from shoal.ps.checkpoint import read_manifest
 from shoal.ps.client import PSClient
-from shoal.ps.communicator import DENSE_TABLE, Communicator, make_communicator
+from shoal.ps.communicator import DENSE_TABLE, Communicator, Mode, make_communicator
 from shoal.ps.spec import SparseTableSpec
 from shoal.worker.nn.sparse import bind_sparse_backend, sparse_layers
 from shoal.worker.serialization import load as load_tree
@@ -34,7 +34,7 @@ def _worker_file(rank: int, save_id: str) -> str:
     return f"worker-{rank:05d}-{save_id}.npz"
 
 _MODE_NAMES = {CommMode.SYNC: "sync", CommMode.ASYNC: "async", CommMode.HALF_ASYNC: "half_async",
-               CommMode.GEO: "geo"}
+               CommMode.GEO: "geo", CommMode.PASS: "pass"}
 
 
 def _local_line(strategy: DistributedStrategy) -> str:
@@ -281,6 +281,58 @@ class PSRuntime(StrategyChoice):
                 self.exchange = None
             self.client.close()
             self.communicator = None
+
+    # -- pass mode ---------------------------------------------------------------------
+    def _pass_keys(self, dataset, slots) -> dict[str, np.ndarray]:
+        """table -> the uint64 keys of `dataset`'s samples in the slots that feed it."""
+        block = getattr(dataset, "block", dataset)
+        sparse = getattr(block, "sparse", None)
+        if not isinstance(sparse, dict):
+            raise FleetError(f"fleet.begin_pass: expected an InMemoryDataset with its data loaded (or "
+                             f"a Batch), got {type(dataset).__name__}; pass mode scans a pass's keys "
+                             f"before it trains, so a streaming QueueDataset cannot be a pass")
+        tables = sorted({layer.table for layer in sparse_layers(self.model)})
+        if slots is None:
+            if len(tables) != 1:
+                raise FleetError(f"fleet.begin_pass: the model has {len(tables)} sparse tables "
+                                 f"{tables}; say which dataset slots feed which, e.g. "
+                                 f"slots={{{tables[0]!r}: [...]}} (slots: {sorted(sparse)})"
+                                 if tables else "fleet.begin_pass: the model has no sparse layer")
+            slots = {tables[0]: sorted(sparse)}
+        unknown = sorted(set(slots) - set(tables))
+        if unknown:
+            raise FleetError(f"fleet.begin_pass: slots names table(s) {unknown} the model does not "
+                             f"use; its sparse tables: {tables}")
+        keys = {}
+        for table, names in slots.items():
+            missing = [n for n in names if n not in sparse]
+            if missing:
+                raise FleetError(f"fleet.begin_pass: slot(s) {missing} for table {table!r} are not "
+                                 f"sparse slots of the dataset (its sparse slots: {sorted(sparse)})")
+            keys[table] = np.concatenate([np.asarray(sparse[n].values, np.uint64) for n in names]) \
+                if names else np.zeros(0, np.uint64)
+        return keys
+
+    def begin_pass(self, dataset=None, slots: dict | None = None, keys: dict | None = None) -> bool:
+        """Pass mode: pull the whole records of `dataset`'s keys (or of `keys`: table -> uint64
+        keys) once (see PassCommunicator); other modes: nothing. Returns whether a pass began."""
+        self._need(True, "begin_pass")
+        self._connected("begin_pass")
+        if (dataset is None) == (keys is None):
+            raise FleetError("fleet.begin_pass: give either a dataset (with slots when the model "
+                             "has several sparse tables) or keys={table: uint64 keys}, not both")
+        if self.communicator.mode is not Mode.PASS:
+            return False
+        self.communicator.begin_pass(self._pass_keys(dataset, slots) if keys is None else keys)
+        return True
+
+    def end_pass(self) -> None:
+        """Pass mode: write the pass back and meet the other workers (every worker calls);
+        other modes: nothing."""
+        self._need(True, "end_pass")
+        self._connected("end_pass")
+        if self.communicator.mode is Mode.PASS:
+            self._flush()
 
     def barrier_worker(self) -> None:
         self._need(True, "barrier_worker")

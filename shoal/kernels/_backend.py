@@ -228,6 +228,64 @@ class Backend(ABC):
         velocity += step
         param -= velocity
 
+    # -- CTR rows (a sparse table's records: embedding, rule state, statistics) ----------
+    def ctr_pull(self, values, rows, dim: int, unseen_col: int = -1):
+        """values[rows, :dim] as a new [n, dim] array, zeros where rows < 0; with unseen_col >= 0
+        the rows' unseen-days column is reset (a training pull saw them). `rows` unique."""
+        xp = self.xp
+        out = xp.zeros((rows.shape[0], dim), values.dtype)
+        ok = rows >= 0
+        r = rows[ok]
+        out[ok] = values[r, :dim]
+        if unseen_col >= 0:
+            values[r, unseen_col] = 0.0
+        return out
+
+    def ctr_push(self, values, rows, grads, shows, clicks, rule: int, dim: int, state_cols,
+                 stat_cols, lr: float, g0: float, lo: float, hi: float, nonclk: float, clk: float,
+                 scale_by_show: bool, beta1: float, beta2: float, eps: float) -> None:
+        """The CTR accessor's push on records `values[rows]` (unique rows, all >= 0), in place:
+        show/click/delta-score statistics, then the rule (0 naive, 1 adagrad, 2 std_adagrad,
+        3 adam) on the gradient divided by the show, with weight bounds [lo, hi]. The same
+        arithmetic as the native kernel (csrc/fused.cpp ctr_push); `state_cols` and `stat_cols`
+        as there."""
+        xp = self.xp
+        block = values[rows]
+        show, click, delta, unseen = stat_cols
+        block[:, show] += shows
+        block[:, click] += clicks
+        block[:, delta] += (shows - clicks) * nonclk + clicks * clk
+        block[:, unseen] = 0.0
+        g = grads / xp.maximum(shows, 1.0)[:, None] if scale_by_show else grads
+        w = block[:, :dim]
+        if rule == 0:
+            w -= lr * g
+        elif rule == 1:
+            g2 = block[:, state_cols[0]]
+            w -= (lr * xp.sqrt(g0 / (g0 + g2)))[:, None] * g
+            block[:, state_cols[0]] += (g * g).sum(axis=1) / dim
+        elif rule == 2:
+            g2 = block[:, state_cols[0]:state_cols[0] + dim]
+            w -= lr * g * xp.sqrt(g0 / (g0 + g2))
+            g2 += g * g
+        elif rule == 3:
+            m = block[:, state_cols[0]:state_cols[0] + dim]
+            v = block[:, state_cols[1]:state_cols[1] + dim]
+            p1, p2 = block[:, state_cols[2]], block[:, state_cols[3]]
+            corr2 = xp.sqrt(1.0 - p2)
+            m *= beta1
+            m += (1.0 - beta1) * g
+            v *= beta2
+            v += (1.0 - beta2) * g * g
+            w -= (lr * corr2 / (1.0 - p1))[:, None] * m / (xp.sqrt(v) + eps * corr2[:, None])
+            block[:, state_cols[2]] *= beta1
+            block[:, state_cols[3]] *= beta2
+        else:
+            raise ValueError(f"ctr_push: rule {rule} is not one of 0 naive, 1 adagrad, "
+                             f"2 std_adagrad, 3 adam")
+        xp.clip(w, lo, hi, out=w)
+        values[rows] = block
+
     # -- sparse (row-wise) updates -------------------------------------------
     def rows_update_(self, kernel: str, param, ids, grad_rows, *states, **hparams) -> None:
         """Run the dense update `kernel` on the rows `ids` of `param` and `states` only.

@@ -48,6 +48,18 @@ class NumpyBackend(Backend):
     def _make_rng(self, seed):
         return np.random.default_rng(seed)
 
+    def ctr_pull(self, values, rows, dim, unseen_col=-1):
+        out = np.empty((len(rows), dim), np.float32)
+        _fused.ctr_pull(values, np.ascontiguousarray(rows, np.int64), out, None, dim, unseen_col)
+        return out
+
+    def ctr_push(self, values, rows, grads, shows, clicks, rule, dim, state_cols, stat_cols, lr,
+                 g0, lo, hi, nonclk, clk, scale_by_show, beta1, beta2, eps):
+        _fused.ctr_push(values, np.ascontiguousarray(rows, np.int64),
+                        np.ascontiguousarray(grads, np.float32), np.ascontiguousarray(shows, np.float32),
+                        np.ascontiguousarray(clicks, np.float32), rule, dim, list(state_cols),
+                        list(stat_cols), lr, g0, lo, hi, nonclk, clk, scale_by_show, beta1, beta2, eps)
+
     def unique_inverse(self, keys):
         if type(keys) is np.ndarray and keys.dtype == _U64 and keys.ndim == 1:
             return _fused.unique_inverse(keys)

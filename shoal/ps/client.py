@@ -221,6 +221,44 @@ class PSClient:
         self._wait_all([self._push(s, "push_delta", {"table": table}, [uniq[pos], merged[pos]])
                         for s, pos in _groups(owner, self.n)])
 
+    # -- pass mode ---------------------------------------------------------------------
+    def pull_records(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pass mode: (found [n], records [n, width]) of unique `keys`, pulled for training: each
+        row's whole record (embedding, rule state, statistics, embedx flag); see
+        SparseTable.pull_records. Blocks (bounded by the client's timeout)."""
+        self._spec(table, "sparse")
+        keys = self._keys(keys)
+        owner = partition(keys, self.n)
+        parts = [(pos, self.rpc.call_async(s, "pull_records", {"table": table}, [keys[pos]]))
+                 for s, pos in _groups(owner, self.n)]
+        replies = self._wait_all([h for _, h in parts])
+        widths = {h.get("width") for h, _ in replies}
+        if len(widths) > 1:
+            raise TableError(f"pull_records {table!r}: servers hold records of different widths "
+                             f"{sorted(widths)}; every server must run the same Shoal and spec")
+        width = widths.pop() if widths else 0
+        found = np.zeros(len(keys), bool)
+        records = np.zeros((len(keys), width), np.float32)
+        for (pos, _), (_, (f, rec)) in zip(parts, replies):
+            found[pos] = f.view(bool)
+            records[pos] = rec
+        return found, records
+
+    def push_pass_async(self, table: str, keys: np.ndarray, packed: np.ndarray,
+                        sync: tuple[int, int, int]) -> PSHandle:
+        """Start a pass write-back (SparseTable.merge_pass's layout), `sync=(pass, n_workers,
+        worker)`: every server hears from every worker (with no keys if need be) and applies the
+        pass once all n arrived."""
+        self._spec(table, "sparse")
+        keys = self._keys(keys)
+        uniq, merged = merge_rows(keys, np.ascontiguousarray(packed, np.float32))
+        groups = list(_groups(partition(uniq, self.n), self.n))
+        have = {s for s, _ in groups}
+        groups += [(s, np.zeros(0, np.int64)) for s in range(self.n) if s not in have]
+        header = {"table": table, "sync": list(sync)}
+        handles = [self._push(s, "push_pass", header, [uniq[pos], merged[pos]]) for s, pos in groups]
+        return PSHandle(lambda timeout=None: self._wait_all(handles, timeout) and None)
+
     # -- dense -------------------------------------------------------------------------
     def _split(self, spec, vector: np.ndarray, what: str) -> list:
         vector = np.asarray(vector, np.float32).reshape(-1)

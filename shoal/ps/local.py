@@ -19,7 +19,7 @@ from shoal.ps.service import PSService
 
 # Ops whose arrays a handler may keep after it returns (queued dense pushes, GEO deltas, reduce
 # totals): copied in, as the real server owns the buffers it received.
-_KEEPS_ARRAYS = frozenset({"push_dense", "init_dense", "push_delta", "reduce"})
+_KEEPS_ARRAYS = frozenset({"push_dense", "init_dense", "push_delta", "push_pass", "reduce"})
 
 
 class _Done:

@@ -26,7 +26,7 @@ from shoal.ps.spec import spec_conflicts, spec_from_dict
 INLINE_OPS = frozenset({"pull_dense", "push_dense", "init_dense", "create_table", "stats"})
 
 OPS = ("create_table", "init_dense", "pull_sparse", "push_sparse", "pull_dense", "push_dense",
-       "push_delta", "barrier", "reduce", "gatherings", "save", "commit_save", "load", "shrink", "stats", "stop")
+       "push_delta", "pull_records", "push_pass", "barrier", "reduce", "gatherings", "save", "commit_save", "load", "shrink", "stats", "stop")
 
 
 def _arrays(arrays: list, n: int, op: str, what: str) -> list:
@@ -266,6 +266,30 @@ class PSService:
         else:
             (delta,) = _arrays(arrays, 1, "push_delta", "delta")
             apply = lambda: table.push_delta(delta)  # noqa: E731
+        return {"applied": self._ledger.run_once(header, apply)}, []
+
+    def op_pull_records(self, header, arrays):
+        table = self._table(header, "pull_records", "sparse")
+        (keys,) = _arrays(arrays, 1, "pull_records", "keys")
+        found, records = table.pull_records(keys)
+        return {"width": table.record_width}, [found.view(np.uint8), records]
+
+    def op_push_pass(self, header, arrays):
+        """A worker's write-back of one pass, held until every worker's arrived (header 'sync':
+        [pass, n_workers, worker]), then merged and applied once (SparseTable.merge_pass)."""
+        table = self._table(header, "push_pass", "sparse")
+        keys, packed = _arrays(arrays, 2, "push_pass", "keys, packed pass records")
+        if "sync" not in header:
+            raise PSError(f"push_pass {table.spec.name!r}: header field 'sync' ([pass, n_workers, "
+                          f"worker]) is required: a pass is merged over every worker's write-back")
+        name = f"{table.spec.name}#pass"
+
+        def apply():
+            table.check_pass(keys, packed)
+            parts = self._steps.add(name, header["sync"], (keys, packed))
+            if parts is not None:
+                self._steps.apply(name, header["sync"][0], parts, lambda ps: table.merge_pass(
+                    np.concatenate([k for k, _ in ps]), np.concatenate([p for _, p in ps])))
         return {"applied": self._ledger.run_once(header, apply)}, []
 
     # -- rendezvous ----------------------------------------------------------------

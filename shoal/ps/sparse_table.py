@@ -140,20 +140,8 @@ class SparseShard:
         cold = None
         if self.cold is not None and len(self.cold.tier):
             cold = np.flatnonzero(rows < 0)
-            if training:
-                rows[cold] = self.cold.promote(keys[cold])
         if training:
-            absent = np.flatnonzero(rows < 0)
-            if len(absent):
-                akeys = keys[absent]
-                admit = self.entry.admit(akeys, self.pending)
-                new_rows, is_new = self.map.get_or_insert(akeys, admit)
-                created = new_rows >= 0
-                if created.any():
-                    self._init_rows(akeys[is_new], new_rows[is_new])
-                    if self.pending is not None:
-                        self.pending.forget(akeys[created])
-                rows[absent] = new_rows
+            self._admit(keys, rows, cold)
         ctr_pull(self.values, rows, out, pos, self.spec.dim, self.unseen if training else -1)
         if self.cold is not None:
             if cold is not None and not training and len(cold):
@@ -162,6 +150,23 @@ class SparseShard:
                 out[at if pos is None else np.asarray(pos)[at]] = emb[found]
             if training:
                 self.cold.spill(rows)
+
+    def _admit(self, keys: np.ndarray, rows: np.ndarray, cold: np.ndarray | None) -> None:
+        """A training access: fill rows[i] < 0 with the promoted cold row (`cold`: the positions
+        that missed the arena, None when the tier is empty) or a new row the entry admits."""
+        if cold is not None:
+            rows[cold] = self.cold.promote(keys[cold])
+        absent = np.flatnonzero(rows < 0)
+        if len(absent):
+            akeys = keys[absent]
+            admit = self.entry.admit(akeys, self.pending)
+            new_rows, is_new = self.map.get_or_insert(akeys, admit)
+            created = new_rows >= 0
+            if created.any():
+                self._init_rows(akeys[is_new], new_rows[is_new])
+                if self.pending is not None:
+                    self.pending.forget(akeys[created])
+            rows[absent] = new_rows
 
     def pull(self, keys: np.ndarray, training: bool) -> np.ndarray:
         """Rows [len(keys), dim] for unique `keys` (see pull_into)."""
@@ -184,14 +189,19 @@ class SparseShard:
             if not has.any():
                 return
             rows, grads, shows, clicks = rows[has], grads[has], shows[has], clicks[has]
-        if self._native is not None:
-            ctr_push(self.values, np.ascontiguousarray(rows), np.ascontiguousarray(grads, np.float32),
-                            np.ascontiguousarray(shows, np.float32), np.ascontiguousarray(clicks, np.float32),
-                            *self._native)
-        else:
-            self._push_numpy(rows, grads, shows, clicks)
+        self.apply_rows(rows, grads, shows, clicks)
         if self.cold is not None:
             self.cold.spill(rows)
+
+    def apply_rows(self, rows: np.ndarray, grads: np.ndarray, shows: np.ndarray,
+                   clicks: np.ndarray) -> None:
+        """The accessor's push on arena rows (unique, all present): statistics, then the rule."""
+        if self._native is not None:
+            ctr_push(self.values, np.ascontiguousarray(rows), np.ascontiguousarray(grads, np.float32),
+                     np.ascontiguousarray(shows, np.float32), np.ascontiguousarray(clicks, np.float32),
+                     *self._native)
+        else:
+            self._push_numpy(rows, grads, shows, clicks)
 
     def _promote_into(self, keys: np.ndarray, rows: np.ndarray) -> None:
         """rows[i] for the cold ones of `keys` (their rows read -1), promoted to the arena."""
@@ -246,6 +256,69 @@ class SparseShard:
                 self.values[r, self.show] += s
                 self.values[r, self.click] += c
                 self.values[r, self.delta] += self.spec.score(s, c)
+        if self.cold is not None:
+            self.cold.spill(rows)
+
+    # -- pass mode (ps/communicator/pass_mode.py) ---------------------------------------
+    def column_parts(self) -> np.ndarray:
+        """For each column of a record: 1 learned by the 'embed' part (its embedding columns and
+        rule state), 2 by 'embedx' (the split layout's second part), 0 a statistic."""
+        parts = np.zeros(self.width, np.int8)
+        if self.split:
+            parts[0], parts[1:self.spec.dim] = 1, 2
+        else:
+            parts[:self.spec.dim] = 1
+        for name, (start, k) in self.cols.items():
+            if name.startswith("state."):
+                parts[start:start + k] = 1 if name.startswith("state.embed.") else 2
+        return parts
+
+    def pull_records(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A pass's training pull of unique `keys`: (found [n], records [n, width + 1]): each row's
+        whole record (embedding, rule state, statistics) and its embedx flag, zeros where the
+        entry did not admit the key. Cold rows are promoted and new ones created as by a
+        training pull, and every row seen has its unseen days reset."""
+        rows = self.map.lookup(keys)
+        cold = None
+        if self.cold is not None and len(self.cold.tier):
+            cold = np.flatnonzero(rows < 0)
+        self._admit(keys, rows, cold)
+        found = rows >= 0
+        r = rows[found]
+        self.values[r, self.unseen] = 0.0
+        records = np.zeros((len(keys), self.width + 1), np.float32)
+        records[found, :self.width] = self.values[r]
+        records[found, self.width] = self.has_embedx[r]
+        if self.cold is not None:
+            self.cold.spill(rows)
+        return found, records
+
+    def merge_pass(self, keys: np.ndarray, packed: np.ndarray) -> None:
+        """Apply the merged write-backs of a pass for unique `keys` (see SparseTable.merge_pass)."""
+        rows = self.map.lookup(keys)
+        if self.cold is not None:
+            self._promote_into(keys, rows)
+        has = rows >= 0
+        if self.pending is not None and not has.all():  # not admitted: the shows count for admission
+            miss = ~has
+            prow = self.pending.rows_for(keys[miss])
+            self.pending.cols["show"][prow] += packed[miss, self.show]
+            self.pending.cols["click"][prow] += packed[miss, self.click]
+        if has.any():
+            r, p = rows[has], packed[has]
+            block = self.values[r]
+            parts = self.column_parts()
+            for part, weight in ((1, p[:, self.show]), (2, p[:, self.width])):
+                cols = np.flatnonzero(parts == part)
+                if len(cols):
+                    scale = np.divide(1.0, weight, out=np.zeros_like(weight), where=weight > 0)
+                    block[:, cols] += p[:, cols] * scale[:, None]
+            for col in (self.show, self.click, self.delta):
+                block[:, col] += p[:, col]
+            block[:, self.unseen] = 0.0
+            self.values[r] = block
+            if self.split:
+                self.has_embedx[r] |= p[:, self.width] > 0
         if self.cold is not None:
             self.cold.spill(rows)
 
@@ -470,6 +543,54 @@ class SparseTable:
                 m = merged[pos]
                 shard.add_delta(uniq[pos], m[:, :dim], m[:, dim] if stats else None,
                                 m[:, dim + 1] if stats else None)
+
+    @property
+    def record_width(self) -> int:
+        """Columns of a pass record: the row layout plus the embedx flag."""
+        return self.shards[0].width + 1
+
+    def pull_records(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Pass mode: (found [n], records [n, record_width]) for unique `keys`, pulled for training
+        (admitted keys get rows, cold ones are promoted, unseen days reset). Thread-safe."""
+        keys = self._check_keys(keys, "pull_records")
+        found = np.zeros(len(keys), bool)
+        records = np.zeros((len(keys), self.record_width), np.float32)
+        for shard, pos in self._groups(keys):
+            with shard.lock:
+                f, rec = shard.pull_records(keys[pos])
+                found[pos], records[pos] = f, rec
+        return found, records
+
+    def check_pass(self, keys: np.ndarray, packed: np.ndarray) -> None:
+        """Raise unless (keys, packed [n, record_width]) is a valid pass write-back."""
+        self._check_keys(keys, "push_pass")
+        self._check_rows(packed, len(keys), "push_pass", "packed pass records",
+                         (len(keys), self.record_width))
+        sh = self.shards[0]
+        if (packed[:, sh.show] < 0).any() or (packed[:, sh.width] < 0).any():
+            raise TableError(f"push_pass on table {self.spec.name!r}: show deltas and embedx "
+                             f"weights must be >= 0 (they are counts); nothing was applied")
+
+    def merge_pass(self, keys: np.ndarray, packed: np.ndarray) -> None:
+        """Pass mode: apply every worker's write-back of one pass at once.
+
+        Each worker sends, per key, the change of its record over the pass: the
+        learned columns (embedding and rule state) multiplied by the weight of
+        their part (the embed part: the worker's shows of the key in the pass,
+        its show delta; the embedx part: the same when the worker's copy had
+        embedx, else 0, in the extra last column), the statistics (show, click,
+        delta score) as plain deltas. Duplicate keys (several workers) are
+        summed, then the learned columns move by sum(w * delta) / sum(w), the
+        shows-weighted mean of the workers' moves, and the statistics by the
+        sum. With one worker the row becomes that worker's record. Rows the
+        table does not hold (not admitted) only count their shows and clicks
+        towards admission. Validated before anything changes; thread-safe.
+        """
+        self.check_pass(keys, packed)
+        uniq, merged = merge_rows(keys, packed)
+        for shard, pos in self._groups(uniq):
+            with shard.lock:
+                shard.merge_pass(uniq[pos], merged[pos])
 
     def shrink(self) -> int:
         deleted = 0

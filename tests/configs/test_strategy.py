@@ -141,6 +141,19 @@ def test_in_place_contradiction_is_caught_by_communicator_mode():
         s.communicator_mode
 
 
+@pytest.mark.parametrize("cfg,match", [({"half_async": True}, "use_ps_gpu=true .pass mode. contradicts a_sync_configs.half_async"),
+                                       ({"k_steps": 10}, "contradicts a_sync_configs.k_steps=10 .GEO")])
+def test_pass_mode_contradicts_half_async_and_geo(cfg, match):
+    with pytest.raises(StrategyError, match=match):
+        DistributedStrategy(a_sync=True, a_sync_configs=dict(use_ps_gpu=True, **cfg))
+
+
+@pytest.mark.parametrize("a_sync", [True, False])
+def test_use_ps_gpu_is_pass_mode_with_either_a_sync(a_sync):
+    s = DistributedStrategy(a_sync=a_sync, a_sync_configs={"use_ps_gpu": True})
+    assert s.communicator_mode is CommMode.PASS
+
+
 def test_lars_and_lamb_contradict():
     with pytest.raises(StrategyError, match="lars=true contradicts lamb=true"):
         DistributedStrategy(lars=True, lamb=True)
@@ -150,7 +163,7 @@ def test_lars_and_lamb_contradict():
 
 PRESET_MODES = {"ps_sync": CommMode.SYNC, "ps_async": CommMode.ASYNC,
                 "ps_half_async": CommMode.HALF_ASYNC, "ps_geo": CommMode.GEO,
-                "collective_dp": CommMode.SYNC,
+                "ps_pass": CommMode.PASS, "collective_dp": CommMode.SYNC,
                 **{name: CommMode.SYNC for name in (
                     "sharding_stage1", "sharding_stage2", "pipeline_1f1b", "pipeline_fthenb",
                     "amp_o1", "amp_o2", "recompute", "lars", "lamb", "localsgd",

@@ -66,21 +66,23 @@ class Recorder:
     """Forwards to the communicator and sums what was pushed, per key (the flush check)."""
 
     def __init__(self, inner):
-        self.inner, self.sums = inner, {}
+        self.inner, self.sums, self.shows = inner, {}, {}
 
     def pull(self, table, keys, *, training):
         return self.inner.pull(table, keys, training=training)
 
     def push(self, table, keys, grads, *, shows, clicks):
-        for k, g in zip(keys.tolist(), grads):
+        for k, g, s in zip(keys.tolist(), grads, shows.tolist()):
             self.sums[k] = self.sums.get(k, 0) + g.astype(np.float64)
+            self.shows[k] = self.shows.get(k, 0) + s
         self.inner.push(table, keys, grads, shows=shows, clicks=clicks)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--mode", default="sync", choices=["sync", "async", "half_async", "geo"])
+    ap.add_argument("--mode", default="sync", choices=["sync", "async", "half_async", "geo", "pass"])
+    ap.add_argument("--pass-steps", type=int, default=4, help="pass mode: steps per pass")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--data-seed", type=int, default=1)
@@ -98,7 +100,8 @@ def main() -> None:
 
     cfg = {"a_sync": args.mode != "sync",
            "a_sync_configs": {"k_steps": args.k_steps if args.mode == "geo" else -1,
-                              "half_async": args.mode == "half_async"},
+                              "half_async": args.mode == "half_async",
+                              "use_ps_gpu": args.mode == "pass"},
            "sparse_table": {"default": {"rule": {"name": "naive" if args.sgd1 else args.rule,
                                                  "learning_rate": 1.0 if args.sgd1 else 0.05,
                                                  "initial_range": 0.1},
@@ -129,6 +132,12 @@ def main() -> None:
     print(f"worker {w}: training", flush=True)
     for step in range(args.steps):
         start = step * n_workers * b + w * b
+        if args.mode == "pass" and step % args.pass_steps == 0:  # this worker's samples of the pass
+            last = min(step + args.pass_steps, args.steps)
+            mine = np.concatenate([np.arange(s * n_workers * b + w * b, s * n_workers * b + (w + 1) * b)
+                                   for s in range(step, last)])
+            fleet.begin_pass(keys={"emb": np.concatenate([
+                values for values, _ in batch(d, mine)[0]])})
         slots, dense, labels = batch(d, np.arange(start, start + b))
         logit = model(slots, dense, labels)
         loss = F.binary_cross_entropy_with_logits(logit, shoal.to_tensor(labels))
@@ -137,6 +146,8 @@ def main() -> None:
         opt.step()
         opt.clear_grad()
         losses.append(float(loss.numpy()))
+        if args.mode == "pass" and ((step + 1) % args.pass_steps == 0 or step + 1 == args.steps):
+            fleet.end_pass()
         if args.sleep:
             time.sleep(args.sleep)
     if args.read_after_stop:  # stop_worker's own flush is what gets every gradient to the servers
@@ -173,7 +184,9 @@ def main() -> None:
 def recorded(rec, opt, dense_pushed) -> dict:
     pushed_keys = np.array(sorted(rec.sums), np.uint64)
     pushed = np.array([rec.sums[k] for k in pushed_keys.tolist()]).reshape(-1, DIM)
-    return {"pushed_keys": pushed_keys, "pushed": pushed, "dense_pushed": dense_pushed}
+    shows = np.array([rec.shows[k] for k in pushed_keys.tolist()], np.float64)
+    return {"pushed_keys": pushed_keys, "pushed": pushed, "pushed_shows": shows,
+            "dense_pushed": dense_pushed}
 
 
 def read_after_stop(old_client, keys, w: int, n_workers: int):

@@ -46,8 +46,9 @@ def test_resume_continues_exactly_where_the_save_left_off(tmp_path):
     assert first["test_auc"] != pytest.approx(straight["test_auc"], abs=1e-6)
 
 
-def test_the_main_job_runs_as_two_servers_and_two_workers(tmp_path):
-    args = ["--strategy", "ps_async", "--cache", str(tmp_path / "data"), *SMALL,
+@pytest.mark.parametrize("preset,mode", [("ps_async", "async"), ("ps_pass", "pass")])
+def test_the_main_job_runs_as_two_servers_and_two_workers(tmp_path, preset, mode):
+    args = ["--strategy", preset, "--cache", str(tmp_path / "data"), *SMALL,
             "--metrics-out", str(tmp_path / "{role}-{rank}.json")]
     with LocalJob(JOB, args, n_servers=2, n_workers=2, log_dir=tmp_path / "log") as job:
         job.wait(timeout=300)
@@ -56,6 +57,7 @@ def test_the_main_job_runs_as_two_servers_and_two_workers(tmp_path):
     for name in ("test_auc", "test_accuracy", "test_logloss"):  # one global figure each
         assert workers[0][name] == workers[1][name]
     assert sum(w["examples"] for w in workers) == 6000
+    assert all(w["mode"] == mode for w in workers) and workers[0]["test_auc"] > 0.5
     assert all((tmp_path / f"server-{s}.json").exists() for s in range(2))
 
 

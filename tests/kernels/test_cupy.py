@@ -182,3 +182,23 @@ def test_rows_update_matches_numpy(cp, CP, case):
         _close(got, want)
     others = [0, 1, 3, 5, 6, 8]
     np.testing.assert_array_equal(CP.to_numpy(got_p)[others], param[others])
+
+
+@pytest.mark.parametrize("rule", ["naive", "adagrad", "std_adagrad", "adam"])
+def test_ctr_push_and_pull_on_the_gpu_equal_the_native_kernels(cp, CP, rule):
+    from shoal.ps.sparse_table import SparseShard
+    from shoal.ps.spec import SparseTableSpec
+    shard = SparseShard(SparseTableSpec(name="t", dim=8, rule=rule), 0)
+    rng = np.random.default_rng(4)
+    values = rng.normal(0, 0.03, (40, shard.width)).astype(np.float32)
+    rows = np.array([5, 0, 39, 12], np.int64)
+    grads = rng.normal(size=(4, 8)).astype(np.float32)
+    shows = np.array([1, 2, 0, 4], np.float32)
+    clicks = np.array([0, 1, 0, 2], np.float32)
+    dev = cp.asarray(values)
+    NP.ctr_push(values, rows, grads, shows, clicks, *shard._native)
+    CP.ctr_push(dev, cp.asarray(rows), cp.asarray(grads), cp.asarray(shows), cp.asarray(clicks),
+                *shard._native)
+    _close(dev, values)
+    _close(CP.ctr_pull(dev, cp.asarray(np.array([0, -1, 5])), 8, shard.unseen),
+           NP.ctr_pull(values, np.array([0, -1, 5]), 8, shard.unseen))

@@ -90,3 +90,33 @@ def test_ctr_pull_gathers_at_positions_and_resets_unseen_days():
     ctr_pull(values, np.array([2, -1, 0]), out, np.array([1, 0, 2]), 2, 2)
     np.testing.assert_array_equal(out, [[0, 0], [6, 7], [0, 1]])
     assert values[2, 2] == 0 and values[0, 2] == 0 and values[1, 2] == 5
+
+
+@pytest.mark.parametrize("rule", ["naive", "adagrad", "std_adagrad", "adam"])
+@pytest.mark.parametrize("scale_by_show", [True, False])
+def test_the_generic_ctr_kernels_equal_the_native_ones(rule, scale_by_show):
+    """Backend's xp bodies of ctr_push / ctr_pull (what the cupy backend runs) against the native
+    kernels the numpy backend runs, on the same records."""
+    from shoal.kernels import Backend
+    from shoal.ps.sparse_table import SparseShard
+    shard = SparseShard(SparseTableSpec(name="t", dim=6, rule=rule, scale_by_show=scale_by_show,
+                                        weight_bounds=(-0.05, 0.05)), 0)
+    rng = np.random.default_rng(3)
+    values = rng.normal(0, 0.03, (30, shard.width)).astype(np.float32)
+    for name, (start, k) in shard.cols.items():
+        if name.startswith("state."):
+            values[:, start:start + k] = rng.random((30, k)) * (0.9 if "pow" in name else 2.0)
+    rows = np.array([4, 0, 29, 11, 7], np.int64)
+    grads = rng.normal(size=(5, 6)).astype(np.float32)
+    shows = np.array([1, 3, 0, 2, 5], np.float32)
+    clicks = np.array([0, 1, 0, 2, 1], np.float32)
+    native, generic = values.copy(), values.copy()
+    be.ctr_push(native, rows, grads, shows, clicks, *shard._native)
+    Backend.ctr_push(be, generic, rows, grads, shows, clicks, *shard._native)
+    assert not np.array_equal(native, values)
+    np.testing.assert_allclose(generic, native, rtol=2e-6, atol=1e-8)
+    pull_rows = np.array([3, -1, 29], np.int64)
+    want = be.ctr_pull(native, pull_rows, 6, shard.unseen)
+    got = Backend.ctr_pull(be, generic, pull_rows, 6, shard.unseen)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    assert not got[1].any() and generic[3, shard.unseen] == 0 == native[3, shard.unseen]

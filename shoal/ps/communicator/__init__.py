@@ -18,6 +18,10 @@ and the dense step (`step`), in one of Paddle's modes (DESIGN.md
 - geo: the worker trains a local copy for `k_steps` (sparse rows with plain
   SGD at the table's rate, dense parameters with the user's optimizer), then
   pushes (local - base) / n_workers as deltas and pulls fresh values.
+- pass (a_sync_configs.use_ps_gpu): the worker pulls the whole records of a
+  pass's keys once, trains the pass against its own copy with the table's
+  rule (on the GPU when the model runs there), and writes the changes back at
+  the end of the pass; the servers merge every worker's (pass_mode.py).
 
 `flush()` (called by stop_worker) sends and applies everything queued, so no
 gradient is lost. Errors of background threads are re-raised on the
@@ -32,16 +36,17 @@ from shoal.ps.client import PSClient
 from shoal.ps.communicator.asynchronous import AsyncCommunicator, HalfAsyncCommunicator
 from shoal.ps.communicator.base import DENSE_TABLE, Communicator, CommunicatorError, Mode
 from shoal.ps.communicator.geo import GeoCommunicator
+from shoal.ps.communicator.pass_mode import PassCommunicator, PassTable
 from shoal.ps.communicator.sync import SyncCommunicator
 
 _MODES: dict[Mode, type[Communicator]] = {
     Mode.SYNC: SyncCommunicator, Mode.ASYNC: AsyncCommunicator,
-    Mode.HALF_ASYNC: HalfAsyncCommunicator, Mode.GEO: GeoCommunicator,
+    Mode.HALF_ASYNC: HalfAsyncCommunicator, Mode.GEO: GeoCommunicator, Mode.PASS: PassCommunicator,
 }
 
 
 def make_communicator(mode: Mode | str, client: PSClient, **kwargs) -> Communicator:
-    """The communicator of `mode` ('sync', 'async', 'half_async', 'geo') over `client`."""
+    """The communicator of `mode` ('sync', 'async', 'half_async', 'geo', 'pass') over `client`."""
     try:
         mode = Mode(mode.value if isinstance(mode, enum.Enum) else mode)
     except ValueError:
@@ -51,5 +56,5 @@ def make_communicator(mode: Mode | str, client: PSClient, **kwargs) -> Communica
 
 
 __all__ = ["Mode", "Communicator", "SyncCommunicator", "AsyncCommunicator",
-           "HalfAsyncCommunicator", "GeoCommunicator", "CommunicatorError", "make_communicator",
+           "HalfAsyncCommunicator", "GeoCommunicator", "PassCommunicator", "PassTable", "CommunicatorError", "make_communicator",
            "DENSE_TABLE"]

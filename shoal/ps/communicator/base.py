@@ -15,6 +15,7 @@ class Mode(enum.Enum):
     ASYNC = "async"
     HALF_ASYNC = "half_async"
     GEO = "geo"
+    PASS = "pass"
 
 
 class CommunicatorError(PSError):
@@ -113,10 +114,12 @@ class Communicator:
         dense values): after load_model, everything is read from the servers again."""
         self._drop_prefetches()
 
-    def _barrier(self, what: str) -> None:
-        """Every worker meets here (server 0); a timeout names the mode's contract."""
+    def _barrier(self, what: str, number: int | None = None) -> None:
+        """Every worker meets here (server 0) at `what`-`number` (default: the step); a timeout
+        names the mode's contract."""
+        number = self.steps if number is None else number
         try:
-            self.client.barrier(f"{what}-{self.steps}", self.worker_num, self.timeout,
+            self.client.barrier(f"{what}-{number}", self.worker_num, self.timeout,
                                 member=self.worker_index)
         except (PSTimeoutError, RemoteError) as e:
             if isinstance(e, RemoteError) and e.kind != "PSTimeoutError":
@@ -128,8 +131,8 @@ class Communicator:
                      f"every worker must run the same number of steps (give each the same number "
                      f"of batches, e.g. equal file shards and drop_last=True)")
             raise CommunicatorError(
-                f"worker {self.worker_index}: {self.mode.value} step {self.steps}: not every worker "
-                f"reached this step within {self.timeout}s: {cause} ({e})") from e
+                f"worker {self.worker_index}: {self.mode.value} {what} {number}: not every worker "
+                f"reached it within {self.timeout}s: {cause} ({e})") from e
 
     def step(self, dense: np.ndarray | None, lr: float) -> np.ndarray | None:
         """End a training step. `dense` is the flat dense gradient (the flat local values in

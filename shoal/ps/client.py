@@ -250,8 +250,8 @@ class PSClient:
         worker)`: every server hears from every worker (with no keys if need be) and applies the
         pass once all n arrived."""
         self._spec(table, "sparse")
-        keys = self._keys(keys)
-        uniq, merged = merge_rows(keys, np.ascontiguousarray(packed, np.float32))
+        # no merge here: the servers merge every worker's rows of a key anyway
+        uniq, merged = self._keys(keys), np.ascontiguousarray(packed, np.float32)
         groups = list(_groups(partition(uniq, self.n), self.n))
         have = {s for s, _ in groups}
         groups += [(s, np.zeros(0, np.int64)) for s in range(self.n) if s not in have]

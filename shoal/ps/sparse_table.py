@@ -273,6 +273,14 @@ class SparseShard:
                 parts[start:start + k] = 1 if name.startswith("state.embed.") else 2
         return parts
 
+    def part_runs(self) -> list[tuple[int, slice]]:
+        """(part, columns) for each run of adjacent learned columns of one part (a record has a
+        few: one without the split layout), so a weighting works on slices, not column lists."""
+        parts = self.column_parts()
+        edges = np.flatnonzero(np.diff(parts)) + 1
+        starts, stops = np.r_[0, edges], np.r_[edges, len(parts)]
+        return [(int(parts[a]), slice(int(a), int(b))) for a, b in zip(starts, stops) if parts[a]]
+
     def pull_records(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """A pass's training pull of unique `keys`: (found [n], records [n, width + 1]): each row's
         whole record (embedding, rule state, statistics) and its embedx flag, zeros where the
@@ -284,11 +292,16 @@ class SparseShard:
             cold = np.flatnonzero(rows < 0)
         self._admit(keys, rows, cold)
         found = rows >= 0
-        r = rows[found]
-        self.values[r, self.unseen] = 0.0
         records = np.zeros((len(keys), self.width + 1), np.float32)
-        records[found, :self.width] = self.values[r]
-        records[found, self.width] = self.has_embedx[r]
+        if found.all():
+            self.values[rows, self.unseen] = 0.0
+            records[:, :self.width] = self.values[rows]
+            records[:, self.width] = self.has_embedx[rows]
+        else:
+            r = rows[found]
+            self.values[r, self.unseen] = 0.0
+            records[found, :self.width] = self.values[r]
+            records[found, self.width] = self.has_embedx[r]
         if self.cold is not None:
             self.cold.spill(rows)
         return found, records
@@ -305,14 +318,15 @@ class SparseShard:
             self.pending.cols["show"][prow] += packed[miss, self.show]
             self.pending.cols["click"][prow] += packed[miss, self.click]
         if has.any():
-            r, p = rows[has], packed[has]
+            r, p = (rows, packed) if has.all() else (rows[has], packed[has])
             block = self.values[r]
-            parts = self.column_parts()
-            for part, weight in ((1, p[:, self.show]), (2, p[:, self.width])):
-                cols = np.flatnonzero(parts == part)
-                if len(cols):
-                    scale = np.divide(1.0, weight, out=np.zeros_like(weight), where=weight > 0)
-                    block[:, cols] += p[:, cols] * scale[:, None]
+            scales = {}
+            for part, cols in self.part_runs():
+                if part not in scales:
+                    weight = p[:, self.show if part == 1 else self.width]
+                    scales[part] = np.divide(1.0, weight, out=np.zeros_like(weight),
+                                             where=weight > 0)[:, None]
+                block[:, cols] += p[:, cols] * scales[part]
             for col in (self.show, self.click, self.delta):
                 block[:, col] += p[:, col]
             block[:, self.unseen] = 0.0

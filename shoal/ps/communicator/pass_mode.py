@@ -65,7 +65,7 @@ class PassTable:
                 f"(embedx_threshold) and rule {spec.rule!r} train only on the numpy backend; "
                 f"drop embedx_threshold or use the numpy backend for this job")
         self.width = self.shard.width
-        self.parts = self.shard.column_parts()
+        self.runs = self.shard.part_runs()
         self.map = KeyMap()
         self.absent = KeyMap()
         self.absent_stats = np.zeros((0, 2), np.float32)
@@ -110,15 +110,18 @@ class PassTable:
                 f"{records.shape[1]} columns wide, this worker's layout needs {self.width + 1}; "
                 f"the servers and workers must run the same Shoal with the same table spec")
         if found.any():
-            k = keys[found]
+            k, rec = (keys, records) if found.all() else (keys[found], records[found])
+            start = self.map.row_bound
             rows, _ = self.map.get_or_insert(k)
-            self._grow(self.map.row_bound)
-            rec = self.be.asarray(records[found, :self.width])
-            dev_rows = self.be.asarray(rows)
-            self.values[dev_rows] = rec
-            self.base[dev_rows] = rec
-            self.has_embedx[rows] = records[found, self.width] != 0
-            self.row_keys[rows] = k
+            # new keys of a map that never frees get the next ids in order: a slice, not a gather
+            assert rows[0] == start and rows[-1] == start + len(rows) - 1, "rows are not fresh"
+            at = slice(start, start + len(rows))
+            self._grow(at.stop)
+            dev = self.be.asarray(rec[:, :self.width])
+            self.values[at] = dev
+            self.base[at] = dev
+            self.has_embedx[at] = rec[:, self.width] != 0
+            self.row_keys[at] = k
         if not found.all():
             arows, _ = self.absent.get_or_insert(keys[~found])
             if self.absent.row_bound > len(self.absent_stats):
@@ -159,15 +162,14 @@ class PassTable:
         """(keys, packed [n, width + 1]): this copy's change over the pass, in the layout of
         SparseTable.merge_pass (learned columns weighted by their part's show delta)."""
         sh, xp = self.shard, self.be.xp
-        keys, rows = self.map.items()
-        dev_rows = self.be.asarray(rows)
-        packed = xp.zeros((len(rows), self.width + 1), xp.float32)
-        delta = self.values[dev_rows] - self.base[dev_rows]
-        shows = delta[:, sh.show]
-        weight_x = shows * self.be.asarray(self.has_embedx[rows])
-        parts = self.be.asarray(self.parts)
-        packed[:, :self.width] = delta * xp.where(parts == 1, shows[:, None],
-                                                  xp.where(parts == 2, weight_x[:, None], 1.0))
+        n = self.map.row_bound  # rows are never freed during a pass: rows [0, n) are the keys
+        keys = self.row_keys[:n]
+        packed = xp.empty((n, self.width + 1), xp.float32)
+        xp.subtract(self.values[:n], self.base[:n], out=packed[:, :self.width])
+        shows = packed[:, sh.show].copy()
+        weight_x = shows * self.be.asarray(self.has_embedx[:n])
+        for part, cols in self.runs:
+            packed[:, cols] *= (shows if part == 1 else weight_x)[:, None]
         packed[:, sh.unseen] = 0.0
         packed[:, self.width] = weight_x
         packed = self.be.to_numpy(packed)

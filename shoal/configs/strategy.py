@@ -56,7 +56,7 @@ class AsyncConfig(ConfigModel):
     lr_decay_steps: int = Field(10, description="GEO/async: steps between learning-rate syncs")
     use_ps_gpu: bool = Field(False, description="pass mode: train a whole pass (fleet.train_pass) "
                                                 "against a worker-side copy of its rows, in GPU "
-                                                "memory when the model runs on cupy")
+                                                "memory (cupy) when there is one")
     half_async: bool = Field(False, description="Shoal's own: async sends with a barrier per step "
                                                 "(needs a_sync: true and k_steps <= 0)")
 

@@ -1,6 +1,8 @@
 """Pass mode end to end: real server processes and workers on 127.0.0.1 (tests/fleet/job.py)."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -54,3 +56,56 @@ def test_two_by_two_in_pass_mode_reaches_the_auc_of_one_process(tmp_path):
     assert local["auc"] > 0.75
     assert workers[0]["auc"] == workers[1]["auc"]
     assert abs(float(workers[0]["auc"]) - float(local["auc"])) < 0.03
+
+
+def _runtime(model):
+    from shoal.fleet._runtime import PSRuntime
+    rt = PSRuntime(quiet=True)
+    rt.model = model
+    return rt
+
+
+def _two_tables():
+    import shoal.nn as nn
+    from shoal.worker.nn.sparse import EmbeddingBag
+
+    class TwoTables(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.user = EmbeddingBag("user", 4)
+            self.item = EmbeddingBag("item", 4)
+    return TwoTables()
+
+
+def test_a_pass_scans_the_slots_of_each_table_from_the_shared_data_sample():
+    from shoal.worker.data import InMemoryDataset, SlotList
+    sample = Path(__file__).resolve().parents[3] / "shared" / "data" / "ctr_multislot_sample.txt"
+    ds = InMemoryDataset(batch_size=4, use_var=SlotList.ctr())
+    ds.set_filelist([str(sample)])
+    ds.load_into_memory()
+    slots = sorted(ds.block.sparse)
+    rt = _runtime(_two_tables())
+    keys = rt._pass_keys(ds, {"user": slots[:2], "item": slots[2:]})
+    want = np.concatenate([ds.block.sparse[s].values for s in slots[:2]])
+    np.testing.assert_array_equal(keys["user"], want)
+    assert keys["user"].dtype == np.uint64 and len(keys["item"]) > len(keys["user"])
+
+
+@pytest.mark.parametrize("slots,match", [
+    (None, r"2 sparse tables \['item', 'user'\]; say which dataset slots feed which"),
+    ({"nope": ["C1"]}, r"names table\(s\) \['nope'\] the model does not use"),
+    ({"user": ["C1", "Z9"]}, r"slot\(s\) \['Z9'\] for table 'user' are not sparse slots"),
+])
+def test_a_pass_over_slots_that_do_not_fit_the_model_is_refused(slots, match):
+    from shoal.fleet import FleetError
+    from shoal.worker.data import Batch, Ragged
+    batch = Batch({}, {"C1": Ragged(np.array([1, 2], np.uint64), np.array([0, 1, 2]))})
+    with pytest.raises(FleetError, match=match):
+        _runtime(_two_tables())._pass_keys(batch, slots)
+
+
+def test_a_pass_over_a_streaming_dataset_is_refused_with_the_reason():
+    from shoal.fleet import FleetError
+    from shoal.worker.data import QueueDataset
+    with pytest.raises(FleetError, match="streaming QueueDataset cannot be a pass"):
+        _runtime(_two_tables())._pass_keys(QueueDataset(batch_size=4), None)

@@ -38,10 +38,10 @@ def _assert_tables_equal(a: SparseTable, b: SparseTable, atol=2e-6) -> None:
         np.testing.assert_allclose(ra[name], rb[name], atol=atol, rtol=1e-5, err_msg=name)
 
 
-def _pass(spec, batches, backend=NP):
+def _pass(spec, batches, backend=NP, pass_spec=None):
     """Train `batches` once per step on a server table and once as a pass (PassTable, then
-    merge_pass into another table): returns (per-step table, pass table)."""
-    step_table, pass_table = SparseTable(spec), SparseTable(spec)
+    merge_pass into another table, of `pass_spec` if given): returns (per-step, pass table)."""
+    step_table, pass_table = SparseTable(spec), SparseTable(pass_spec or spec)
     universe = np.unique(np.concatenate([b[0] for b in batches]))
     step_table.pull(universe, training=True)
     local = PassTable(spec, backend)
@@ -124,6 +124,20 @@ def test_pull_records_of_a_tiered_table_promote_cold_rows(tmp_path):
         np.testing.assert_array_equal(got[1], want[1])
     finally:
         table.close()
+
+
+def test_a_pass_over_a_tiered_table_equals_the_same_pushes_step_by_step(tmp_path):
+    spec, other = (SparseTableSpec(name="t", dim=4, storage="ssd", memory_budget_mb=0.002,
+                                   ssd_path=str(tmp_path / d)) for d in ("step", "pass"))
+    rng = np.random.default_rng(6)
+    step_table, pass_table = _pass(spec, _batches(rng, np.arange(1, 400, dtype=np.uint64), 4, size=120),
+                                   pass_spec=other)
+    try:
+        assert pass_table.stats()["tiers"]["cold.ssd"]["rows"] > 0
+        _assert_tables_equal(pass_table, step_table)
+    finally:
+        step_table.close()
+        pass_table.close()
 
 
 @pytest.mark.parametrize("packed,match", [
@@ -222,6 +236,7 @@ def test_a_pass_on_the_gpu_equals_the_numpy_pass(rule):
 
 
 @pytest.mark.requires_gpu
-def test_the_split_layout_is_refused_on_the_gpu_with_the_fix():
-    with pytest.raises(CommunicatorError, match="embedx_threshold"):
-        PassTable(SparseTableSpec(name="t", dim=4, embedx_threshold=1.0), get_backend("cupy"))
+def test_the_split_layout_trains_on_the_host_when_the_pass_is_on_the_gpu():
+    table = PassTable(SparseTableSpec(name="t", dim=4, embedx_threshold=1.0), get_backend("cupy"))
+    assert table.be.name == "numpy"
+    assert PassTable(SparseTableSpec(name="t", dim=4), get_backend("cupy")).be.name == "cupy"

@@ -20,7 +20,7 @@ and the dense step (`step`), in one of Paddle's modes (DESIGN.md
   pushes (local - base) / n_workers as deltas and pulls fresh values.
 - pass (a_sync_configs.use_ps_gpu): the worker pulls the whole records of a
   pass's keys once, trains the pass against its own copy with the table's
-  rule (on the GPU when the model runs there), and writes the changes back at
+  rule (on the GPU when there is one), and writes the changes back at
   the end of the pass; the servers merge every worker's (pass_mode.py).
 
 `flush()` (called by stop_worker) sends and applies everything queued, so no

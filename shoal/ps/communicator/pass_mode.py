@@ -2,8 +2,8 @@
 
 `begin_pass(keys)` pulls, once, the FULL record of every key a dataset chunk
 holds (embedding, rule state, show/click statistics: `pull_records`) into a
-`PassTable` on the worker, in device memory when the kernels' default
-backend is cupy, else in host memory. Every step's pull and push then run
+`PassTable` on the worker, in GPU memory (cupy) when the machine has one,
+else in host memory (numpy). Every step's pull and push then run
 locally: pulls gather rows from the copy, pushes apply the table's own CTR
 rule to it with the fused kernel the servers use (`Backend.ctr_push`), so
 no RPC runs per step. The dense parameters train locally with the user's
@@ -40,7 +40,7 @@ import time
 
 import numpy as np
 
-from shoal.kernels import default_backend
+from shoal.kernels import available_backends, get_backend
 from shoal.ps._keymap import KeyMap, unique_inverse
 from shoal.ps.communicator.base import DENSE_TABLE, Communicator, CommunicatorError, Mode
 from shoal.ps.sparse_table import SparseShard
@@ -50,20 +50,18 @@ class PassTable:
     """The worker's copy of one sparse table for a pass: whole records, a key map on the host, the
     records on the backend's device; the records at the pass's start (`base`) beside them.
 
-    Keys the servers did not admit are kept apart (`absent`, with their shows and clicks): they
+    The split embed/embedx layout (embedx_threshold) trains with the shard's numpy rules, so its
+    tables stay on the host whatever `backend` says. Keys the servers did not admit are kept apart (`absent`, with their shows and clicks): they
     read as zeros and are not trained. Not thread-safe: the training thread drives it.
     """
 
     def __init__(self, spec, backend):
         # the server's row layout and rule, without the server-side parts (tiers, admission)
-        self.shard = SparseShard(dataclasses.replace(spec, memory_budget_mb=None, entry="none",
-                                                     shards=1), 0)
+        self.shard = SparseShard(dataclasses.replace(spec, memory_budget_mb=None, storage="memory",
+                                                     ssd_path=None, entry="none", shards=1), 0)
+        if self.shard._native is None:  # the split embed/embedx layout: the shard's numpy rules
+            backend = get_backend("numpy")
         self.spec, self.be = spec, backend
-        if self.shard._native is None and backend.name != "numpy":
-            raise CommunicatorError(
-                f"pass mode on table {spec.name!r}: the split embed/embedx layout "
-                f"(embedx_threshold) and rule {spec.rule!r} train only on the numpy backend; "
-                f"drop embedx_threshold or use the numpy backend for this job")
         self.width = self.shard.width
         self.runs = self.shard.part_runs()
         self.map = KeyMap()
@@ -183,15 +181,18 @@ class PassTable:
 
 class PassCommunicator(Communicator):
     """Pass mode. Args (beyond the base): `backend`, the kernels backend of the pass tables
-    (default: the kernels' default backend: cupy when the model runs there, else numpy)."""
+    (default: cupy when a CUDA GPU and the gpu extra are there, else numpy). The dense model
+    stays on the host either way (parameter-server mode keeps it in numpy); what crosses to the
+    device per step is the batch's rows and gradients, not an RPC."""
 
     mode = Mode.PASS
     trains_dense_locally = True
 
     def __init__(self, client, worker_index=0, worker_num=1, timeout=60.0, *, backend=None, **config):
         super().__init__(client, worker_index, worker_num, timeout, **config)
-        from shoal.kernels import get_backend
-        self.backend = default_backend() if backend is None else get_backend(backend)
+        if backend is None:
+            backend = "cupy" if "cupy" in available_backends() else "numpy"
+        self.backend = get_backend(backend)
         self.passes = 0        # passes ended (the next write-back's number)
         self.in_pass = False
         self.misses = 0        # keys pulled during a pass that its begin_pass had not listed

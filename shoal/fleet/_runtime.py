@@ -204,6 +204,12 @@ class PSRuntime(StrategyChoice):
             for spec in specs:
                 client.register_table(spec)
         mode = self.strategy.communicator_mode
+        if mode is CommMode.PASS and self.worker_num() > 1:
+            raise FleetError(f"worker {self.worker_index()} was restarted (generation "
+                             f"{self.env.restart}) into a pass-mode job: the servers merge a pass "
+                             f"over every worker's write-back, and this worker's part of the "
+                             f"running pass died with its predecessor; restart the whole job from "
+                             f"its last checkpoint (fleet.load_model) instead of restarting workers")
         if mode in (CommMode.SYNC, CommMode.HALF_ASYNC) and self.worker_num() > 1:
             # sync names a step's barrier by the step; half-async by the step count after it
             self.restart_step = self._find_step(client, *(("sync-step-", 0) if mode is CommMode.SYNC

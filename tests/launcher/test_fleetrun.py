@@ -274,3 +274,14 @@ def test_a_restarted_worker_of_a_stepped_job_resumes_at_the_others_step(tmp_path
     assert (out / "worker0.done.0").read_text() == "0"
     assert (out / "worker1.done.1").read_text() == "5"
     assert not _orphans(token)
+
+
+def test_a_restarted_worker_of_a_pass_mode_job_is_refused_with_the_reason(tmp_path):
+    """Pass mode merges a pass over every worker's write-back: a restarted worker cannot take
+    over its predecessor's part, so it says so and the job fails instead of hanging."""
+    rc, _, stderr, _, token = _run(tmp_path, "once", "worker1",
+                                   extra=["--max_restarts", "1", "--strategy", "ps_pass"])
+    assert rc != 0
+    log = (tmp_path / "log" / "workerlog.1").read_text()
+    assert "into a pass-mode job" in log and "last checkpoint" in log, log[-2000:]
+    assert not _orphans(token)

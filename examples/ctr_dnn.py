@@ -143,7 +143,9 @@ def train(args, ds, model, opt, progress, timer, start_step: int) -> tuple[int, 
     last = args.epochs * per_epoch if not args.steps else min(args.steps, args.epochs * per_epoch)
     for epoch in range(start_step // per_epoch, args.epochs if start_step < last else 0):
         skip = start_step - epoch * per_epoch if epoch == start_step // per_epoch else 0
-        fleet.begin_pass(ds)  # pass mode (ps_pass): the epoch is one pass; other modes: nothing
+        stop = min(per_epoch, last - epoch * per_epoch)
+        # pass mode (ps_pass): the batches this epoch trains are one pass; other modes: nothing
+        fleet.begin_pass(ds, samples=slice(skip * args.batch, stop * args.batch))
         batches = fleet.prefetched(ds.batches(skip=skip), model)
         t_data = time.perf_counter()
         for batch in batches:

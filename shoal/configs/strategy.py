@@ -57,6 +57,11 @@ class AsyncConfig(ConfigModel):
     use_ps_gpu: bool = Field(False, description="pass mode: train a whole pass (fleet.train_pass) "
                                                 "against a worker-side copy of its rows, in GPU "
                                                 "memory (cupy) when there is one")
+    pass_timeout: float = Field(3600.0, gt=0, le=86400,
+                                description="Shoal's own: pass mode: seconds a worker waits at the "
+                                            "end of a pass for the other workers' write-backs "
+                                            "(a pass can be an epoch; servers are checked for "
+                                            "liveness every RPC timeout meanwhile)")
     half_async: bool = Field(False, description="Shoal's own: async sends with a barrier per step "
                                                 "(needs a_sync: true and k_steps <= 0)")
 

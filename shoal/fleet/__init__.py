@@ -178,20 +178,24 @@ def stop_worker(stop_servers: bool = True) -> None:
 
 
 def flush() -> None:
-    """Send and apply everything this worker has queued or trained locally (GEO); blocks."""
+    """Send and apply everything this worker has queued or trained locally (GEO); blocks. In
+    pass mode it ends the pass: a collective, every worker must call it."""
     rt = _rt("flush")
     rt._connected("flush")
     rt._flush()
 
 
-def begin_pass(dataset=None, slots: dict | None = None, *, keys: dict | None = None) -> bool:
+def begin_pass(dataset=None, slots: dict | None = None, *, keys: dict | None = None,
+               samples: slice | None = None) -> bool:
     """Pass mode (a_sync_configs.use_ps_gpu): pull the whole records of every key of `dataset`
     (an InMemoryDataset with its data loaded) once into this worker's copy; the pass's steps then
     train against it without an RPC. `slots` maps each sparse table to the dataset slots that
     feed it (needed when the model has several tables); `keys` ({table: uint64 keys}) replaces
-    the dataset for other readers. In other modes it does nothing and returns False, so one
-    script runs in every mode. Blocks."""
-    return _rt("begin_pass").begin_pass(dataset, slots, keys)
+    the dataset for other readers; `samples` limits the pass to a range of the positions the
+    dataset's batches come in (a resumed or shortened epoch: slice(skip * batch_size, stop)).
+    In other modes it does nothing and returns False, so one script runs in every mode.
+    Blocks."""
+    return _rt("begin_pass").begin_pass(dataset, slots, keys, samples)
 
 
 def end_pass() -> None:

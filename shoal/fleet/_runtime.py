@@ -249,7 +249,8 @@ class PSRuntime(StrategyChoice):
             _MODE_NAMES[mode], client, worker_index=self.worker_index(),
             worker_num=self.worker_num(), timeout=self.rpc_timeout,
             send_queue_size=cfg.send_queue_size, max_merge_var_num=cfg.max_merge_var_num,
-            k_steps=cfg.k_steps, sparse_lr={s.name: s.learning_rate for s in specs
+            k_steps=cfg.k_steps, pass_timeout=cfg.pass_timeout,
+            sparse_lr={s.name: s.learning_rate for s in specs
                                             if s.kind == "sparse"})
 
     def _flush(self) -> None:
@@ -289,37 +290,50 @@ class PSRuntime(StrategyChoice):
             self.communicator = None
 
     # -- pass mode ---------------------------------------------------------------------
-    def _pass_keys(self, dataset, slots) -> dict[str, np.ndarray]:
-        """table -> the uint64 keys of `dataset`'s samples in the slots that feed it."""
-        block = getattr(dataset, "block", dataset)
-        sparse = getattr(block, "sparse", None)
-        if not isinstance(sparse, dict):
-            raise FleetError(f"fleet.begin_pass: expected an InMemoryDataset with its data loaded (or "
-                             f"a Batch), got {type(dataset).__name__}; pass mode scans a pass's keys "
-                             f"before it trains, so a streaming QueueDataset cannot be a pass")
+    def _pass_keys(self, dataset, slots, samples: slice | None = None) -> dict[str, np.ndarray]:
+        """table -> the uint64 keys, in the slots that feed it, of `dataset`'s samples (those of
+        `samples`, a range of the order its batches come in, when given)."""
+        if hasattr(dataset, "slot_values"):  # an InMemoryDataset: no copy of a pending shuffle
+            sparse_names = dataset.sparse_slots
+        else:
+            sparse = getattr(dataset, "sparse", None)
+            if not isinstance(sparse, dict):
+                raise FleetError(f"fleet.begin_pass: expected an InMemoryDataset with its data "
+                                 f"loaded (or a Batch), got {type(dataset).__name__}; pass mode "
+                                 f"scans a pass's keys before it trains, so a streaming "
+                                 f"QueueDataset cannot be a pass")
+            sparse_names = sorted(sparse)
         tables = sorted({layer.table for layer in sparse_layers(self.model)})
         if slots is None:
             if len(tables) != 1:
                 raise FleetError(f"fleet.begin_pass: the model has {len(tables)} sparse tables "
                                  f"{tables}; say which dataset slots feed which, e.g. "
-                                 f"slots={{{tables[0]!r}: [...]}} (slots: {sorted(sparse)})"
+                                 f"slots={{{tables[0]!r}: [...]}} (slots: {sparse_names})"
                                  if tables else "fleet.begin_pass: the model has no sparse layer")
-            slots = {tables[0]: sorted(sparse)}
+            slots = {tables[0]: sparse_names}
         unknown = sorted(set(slots) - set(tables))
         if unknown:
             raise FleetError(f"fleet.begin_pass: slots names table(s) {unknown} the model does not "
                              f"use; its sparse tables: {tables}")
         keys = {}
         for table, names in slots.items():
-            missing = [n for n in names if n not in sparse]
+            missing = [n for n in names if n not in sparse_names]
             if missing:
                 raise FleetError(f"fleet.begin_pass: slot(s) {missing} for table {table!r} are not "
-                                 f"sparse slots of the dataset (its sparse slots: {sorted(sparse)})")
-            keys[table] = np.concatenate([np.asarray(sparse[n].values, np.uint64) for n in names]) \
-                if names else np.zeros(0, np.uint64)
+                                 f"sparse slots of the dataset (its sparse slots: {sparse_names})")
+            if hasattr(dataset, "slot_values"):
+                span = samples or slice(0, None)
+                keys[table] = dataset.slot_values(names, span.start or 0, span.stop)
+            else:
+                part = dataset if samples is None else dataset.slice(
+                    samples.start or 0, min(samples.stop or len(dataset), len(dataset)))
+                keys[table] = np.concatenate(
+                    [np.asarray(part.sparse[n].values, np.uint64) for n in names] or
+                    [np.zeros(0, np.uint64)])
         return keys
 
-    def begin_pass(self, dataset=None, slots: dict | None = None, keys: dict | None = None) -> bool:
+    def begin_pass(self, dataset=None, slots: dict | None = None, keys: dict | None = None,
+                   samples: slice | None = None) -> bool:
         """Pass mode: pull the whole records of `dataset`'s keys (or of `keys`: table -> uint64
         keys) once (see PassCommunicator); other modes: nothing. Returns whether a pass began."""
         self._need(True, "begin_pass")
@@ -327,9 +341,12 @@ class PSRuntime(StrategyChoice):
         if (dataset is None) == (keys is None):
             raise FleetError("fleet.begin_pass: give either a dataset (with slots when the model "
                              "has several sparse tables) or keys={table: uint64 keys}, not both")
+        if samples is not None and not (isinstance(samples, slice) and samples.step in (None, 1)):
+            raise FleetError(f"fleet.begin_pass: samples must be a slice of sample positions "
+                             f"(e.g. slice(skip * batch_size, None)), got {samples!r}")
         if self.communicator.mode is not Mode.PASS:
             return False
-        self.communicator.begin_pass(self._pass_keys(dataset, slots) if keys is None else keys)
+        self.communicator.begin_pass(self._pass_keys(dataset, slots, samples) if keys is None else keys)
         return True
 
     def end_pass(self) -> None:

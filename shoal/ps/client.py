@@ -94,13 +94,14 @@ class PSClient:
         handles = [self.rpc.call_async(s, op, header, timeout=timeout) for s in range(self.n)]
         return [h for h, _ in self._wait_all(handles)]
 
-    def _push(self, server: int, op: str, header: dict, arrays: list) -> PSHandle:
+    def _push(self, server: int, op: str, header: dict, arrays: list,
+              timeout: float | None = None) -> PSHandle:
         """A call that must apply once: numbered, and resent with the same number when the
-        connection dropped. Every attempt shares the call's one deadline (the client's
-        timeout), so a hung server fails the push within the timeout, not a multiple of it."""
+        connection dropped. Every attempt shares the call's one deadline (`timeout`, default the
+        client's), so a hung server fails the push within it, not a multiple of it."""
         header = dict(header, seq=self.rpc.next_seq())
-        deadline = time.monotonic() + self.timeout
-        current = [self.rpc.call_async(server, op, header, arrays)]
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        current = [self.rpc.call_async(server, op, header, arrays, timeout=timeout)]
 
         def finish(timeout=None):
             for attempt in range(self.retries + 1):
@@ -222,15 +223,21 @@ class PSClient:
                         for s, pos in _groups(owner, self.n)])
 
     # -- pass mode ---------------------------------------------------------------------
+    #: keys per pass message: far below the wire's frame limit for any row width
+    PASS_CHUNK_KEYS = 1 << 20
+
     def pull_records(self, table: str, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pass mode: (found [n], records [n, width]) of unique `keys`, pulled for training: each
         row's whole record (embedding, rule state, statistics, embedx flag); see
-        SparseTable.pull_records. Blocks (bounded by the client's timeout)."""
+        SparseTable.pull_records. In messages of at most PASS_CHUNK_KEYS keys, all servers at
+        once. Blocks (each message bounded by the client's timeout)."""
         self._spec(table, "sparse")
         keys = self._keys(keys)
-        owner = partition(keys, self.n)
-        parts = [(pos, self.rpc.call_async(s, "pull_records", {"table": table}, [keys[pos]]))
-                 for s, pos in _groups(owner, self.n)]
+        step = self.PASS_CHUNK_KEYS
+        parts = [(pos[i:i + step], self.rpc.call_async(s, "pull_records", {"table": table},
+                                                       [keys[pos[i:i + step]]]))
+                 for s, pos in _groups(partition(keys, self.n), self.n)
+                 for i in range(0, len(pos), step)]
         replies = self._wait_all([h for _, h in parts])
         widths = {h.get("width") for h, _ in replies}
         if len(widths) > 1:
@@ -245,19 +252,26 @@ class PSClient:
         return found, records
 
     def push_pass_async(self, table: str, keys: np.ndarray, packed: np.ndarray,
-                        sync: tuple[int, int, int]) -> PSHandle:
-        """Start a pass write-back (SparseTable.merge_pass's layout), `sync=(pass, n_workers,
-        worker)`: every server hears from every worker (with no keys if need be) and applies the
-        pass once all n arrived."""
+                        sync: tuple[int, int, int], timeout: float | None = None) -> PSHandle:
+        """Start a pass write-back (shoal.ps.pass_records' layout), `sync=(pass, n_workers,
+        worker)`: every server hears from every worker (with no keys if need be), in chunks of
+        at most PASS_CHUNK_KEYS keys (header 'chunk': [i, total]), and applies the pass once all
+        n workers' chunks arrived; the call that completes it is answered after the merge, so
+        `timeout` (default the client's) bounds that too."""
         self._spec(table, "sparse")
         # no merge here: the servers merge every worker's rows of a key anyway
-        uniq, merged = self._keys(keys), np.ascontiguousarray(packed, np.float32)
-        groups = list(_groups(partition(uniq, self.n), self.n))
-        have = {s for s, _ in groups}
-        groups += [(s, np.zeros(0, np.int64)) for s in range(self.n) if s not in have]
-        header = {"table": table, "sync": list(sync)}
-        handles = [self._push(s, "push_pass", header, [uniq[pos], merged[pos]]) for s, pos in groups]
-        return PSHandle(lambda timeout=None: self._wait_all(handles, timeout) and None)
+        keys, packed = self._keys(keys), np.ascontiguousarray(packed, np.float32)
+        groups = dict(_groups(partition(keys, self.n), self.n))
+        step = self.PASS_CHUNK_KEYS
+        handles = []
+        for s in range(self.n):
+            pos = groups.get(s, np.zeros(0, np.int64))
+            total = max(1, -(-len(pos) // step))
+            for i in range(total):
+                at = pos[i * step:(i + 1) * step]
+                header = {"table": table, "sync": list(sync), "chunk": [i, total]}
+                handles.append(self._push(s, "push_pass", header, [keys[at], packed[at]], timeout))
+        return PSHandle(lambda t=None: self._wait_all(handles, t) and None)
 
     # -- dense -------------------------------------------------------------------------
     def _split(self, spec, vector: np.ndarray, what: str) -> list:

@@ -148,6 +148,66 @@ class _StepSum:
             return list(entry[1].values())
 
 
+class _PassMerge:
+    """Pass mode: every worker's write-back of one pass, in chunks, merged and applied once.
+
+    A push_pass carries ``"sync": [pass, count, worker]`` and ``"chunk": [i, total]``; the
+    chunk that completes the set (every one of `count` workers, each with all its chunks)
+    applies them all together before it is answered. A resent chunk replaces itself.
+    """
+
+    def __init__(self, max_open: int = 64):
+        self.lock = threading.Lock()
+        self.open: dict[tuple, dict] = {}  # (table, pass) -> {"count", "totals", "parts"}
+        self.max_open = max_open
+        self.broken: dict[str, str] = {}
+
+    @staticmethod
+    def _ints(value, n: int) -> bool:
+        return (isinstance(value, list) and len(value) == n
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in value))
+
+    def add(self, table: str, sync, chunk, part) -> list | None:
+        """Hold `part`; every part of the pass once this one completes it, else None."""
+        if not self._ints(sync, 3) or sync[1] < 1 or not 0 <= sync[2] < sync[1] or sync[0] < 0:
+            raise PSError(f"push_pass to {table!r}: header field 'sync' must be [pass, count, "
+                          f"worker] with pass >= 0, count >= 1 and 0 <= worker < count, got {sync!r}")
+        if not self._ints(chunk, 2) or not 0 <= chunk[0] < chunk[1]:
+            raise PSError(f"push_pass to {table!r}: header field 'chunk' must be [i, total] with "
+                          f"0 <= i < total, got {chunk!r}")
+        number, count, worker = sync
+        with self.lock:
+            if table in self.broken:
+                raise PSError(f"push_pass to {table!r}: an earlier {self.broken[table]}; restart the "
+                              f"job from its last checkpoint")
+            entry = self.open.get((table, number))
+            if entry is None:
+                if len(self.open) >= self.max_open:
+                    raise PSError(f"push_pass to {table!r}: {len(self.open)} passes are waiting for "
+                                  f"workers that never wrote back; is a worker missing?")
+                entry = self.open[(table, number)] = {"count": count, "totals": {}, "parts": {}}
+            if entry["count"] != count:
+                raise PSError(f"push_pass to {table!r} pass {number}: this worker says count={count}, "
+                              f"others said {entry['count']}; every worker must use the same count")
+            if entry["totals"].setdefault(worker, chunk[1]) != chunk[1]:
+                raise PSError(f"push_pass to {table!r} pass {number}: worker {worker} announced "
+                              f"{entry['totals'][worker]} chunks before, {chunk[1]} now")
+            entry["parts"][(worker, chunk[0])] = part
+            if len(entry["totals"]) < count or len(entry["parts"]) < sum(entry["totals"].values()):
+                return None
+            del self.open[(table, number)]
+            return list(entry["parts"].values())
+
+    def apply(self, table: str, number: int, parts: list, fn) -> None:
+        """Run `fn(parts)`; if it fails, every later write-back to `table` is refused."""
+        try:
+            fn(parts)
+        except BaseException as e:
+            with self.lock:
+                self.broken[table] = f"pass {number} could not be applied ({e})"
+            raise
+
+
 class _Gathering:
     def __init__(self, count: int):
         self.count, self.arrived, self.total, self.done = count, 0, None, False
@@ -170,6 +230,7 @@ class PSService:
         self._tables_lock = threading.Lock()
         self._ledger = _PushLedger()
         self._steps = _StepSum()
+        self._passes = _PassMerge()
         self._gather_cond = threading.Condition()
         self._gatherings: dict[str, _Gathering] = {}
         self.stop_requested = threading.Event()
@@ -275,20 +336,21 @@ class PSService:
         return {"width": table.record_width}, [found.view(np.uint8), records]
 
     def op_push_pass(self, header, arrays):
-        """A worker's write-back of one pass, held until every worker's arrived (header 'sync':
-        [pass, n_workers, worker]), then merged and applied once (SparseTable.merge_pass)."""
+        """A chunk of a worker's write-back of one pass, held until every worker's arrived, then
+        merged and applied once (SparseTable.merge_pass; _PassMerge)."""
         table = self._table(header, "push_pass", "sparse")
-        keys, packed = _arrays(arrays, 2, "push_pass", "keys, packed pass records")
-        if "sync" not in header:
-            raise PSError(f"push_pass {table.spec.name!r}: header field 'sync' ([pass, n_workers, "
-                          f"worker]) is required: a pass is merged over every worker's write-back")
-        name = f"{table.spec.name}#pass"
+        keys, packed = _arrays(arrays, 2, "push_pass", "keys, packed pass rows")
+        if "sync" not in header or "chunk" not in header:
+            raise PSError(f"push_pass {table.spec.name!r}: header fields 'sync' ([pass, n_workers, "
+                          f"worker]) and 'chunk' ([i, total]) are required: a pass is merged over "
+                          f"every worker's write-back")
+        name = table.spec.name
 
         def apply():
             table.check_pass(keys, packed)
-            parts = self._steps.add(name, header["sync"], (keys, packed))
+            parts = self._passes.add(name, header["sync"], header["chunk"], (keys, packed))
             if parts is not None:
-                self._steps.apply(name, header["sync"][0], parts, lambda ps: table.merge_pass(
+                self._passes.apply(name, header["sync"][0], parts, lambda ps: table.merge_pass(
                     np.concatenate([k for k, _ in ps]), np.concatenate([p for _, p in ps])))
         return {"applied": self._ledger.run_once(header, apply)}, []
 

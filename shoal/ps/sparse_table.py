@@ -16,6 +16,7 @@ import numpy as np
 
 from shoal.kernels import ctr_pull, ctr_push, get_backend, mapped_zeros
 from shoal.ps._keymap import KeyMap, merge_rows, unique_inverse
+from shoal.ps import pass_records
 from shoal.ps.accessor import Pending, make_entry, make_rule
 from shoal.ps.errors import TableError
 from shoal.ps.partition import shard_of, uniform_rows
@@ -105,6 +106,10 @@ class SparseShard:
         self.has_embedx = grown(self.has_embedx)
         self.row_keys = grown(self.row_keys)
         self.cap = cap
+
+    def use_arena(self, values: np.ndarray, has_embedx: np.ndarray, row_keys: np.ndarray) -> None:
+        """Work on these arrays as the arena (a pass table keeps its own, grown by itself)."""
+        self.values, self.has_embedx, self.row_keys, self.cap = values, has_embedx, row_keys, len(values)
 
     def _init_state(self, block: np.ndarray, part: str) -> None:
         for name, view in self._states(block, part).items():
@@ -256,83 +261,6 @@ class SparseShard:
                 self.values[r, self.show] += s
                 self.values[r, self.click] += c
                 self.values[r, self.delta] += self.spec.score(s, c)
-        if self.cold is not None:
-            self.cold.spill(rows)
-
-    # -- pass mode (ps/communicator/pass_mode.py) ---------------------------------------
-    def column_parts(self) -> np.ndarray:
-        """For each column of a record: 1 learned by the 'embed' part (its embedding columns and
-        rule state), 2 by 'embedx' (the split layout's second part), 0 a statistic."""
-        parts = np.zeros(self.width, np.int8)
-        if self.split:
-            parts[0], parts[1:self.spec.dim] = 1, 2
-        else:
-            parts[:self.spec.dim] = 1
-        for name, (start, k) in self.cols.items():
-            if name.startswith("state."):
-                parts[start:start + k] = 1 if name.startswith("state.embed.") else 2
-        return parts
-
-    def part_runs(self) -> list[tuple[int, slice]]:
-        """(part, columns) for each run of adjacent learned columns of one part (a record has a
-        few: one without the split layout), so a weighting works on slices, not column lists."""
-        parts = self.column_parts()
-        edges = np.flatnonzero(np.diff(parts)) + 1
-        starts, stops = np.r_[0, edges], np.r_[edges, len(parts)]
-        return [(int(parts[a]), slice(int(a), int(b))) for a, b in zip(starts, stops) if parts[a]]
-
-    def pull_records(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """A pass's training pull of unique `keys`: (found [n], records [n, width + 1]): each row's
-        whole record (embedding, rule state, statistics) and its embedx flag, zeros where the
-        entry did not admit the key. Cold rows are promoted and new ones created as by a
-        training pull, and every row seen has its unseen days reset."""
-        rows = self.map.lookup(keys)
-        cold = None
-        if self.cold is not None and len(self.cold.tier):
-            cold = np.flatnonzero(rows < 0)
-        self._admit(keys, rows, cold)
-        found = rows >= 0
-        records = np.zeros((len(keys), self.width + 1), np.float32)
-        if found.all():
-            self.values[rows, self.unseen] = 0.0
-            records[:, :self.width] = self.values[rows]
-            records[:, self.width] = self.has_embedx[rows]
-        else:
-            r = rows[found]
-            self.values[r, self.unseen] = 0.0
-            records[found, :self.width] = self.values[r]
-            records[found, self.width] = self.has_embedx[r]
-        if self.cold is not None:
-            self.cold.spill(rows)
-        return found, records
-
-    def merge_pass(self, keys: np.ndarray, packed: np.ndarray) -> None:
-        """Apply the merged write-backs of a pass for unique `keys` (see SparseTable.merge_pass)."""
-        rows = self.map.lookup(keys)
-        if self.cold is not None:
-            self._promote_into(keys, rows)
-        has = rows >= 0
-        if self.pending is not None and not has.all():  # not admitted: the shows count for admission
-            miss = ~has
-            prow = self.pending.rows_for(keys[miss])
-            self.pending.cols["show"][prow] += packed[miss, self.show]
-            self.pending.cols["click"][prow] += packed[miss, self.click]
-        if has.any():
-            r, p = (rows, packed) if has.all() else (rows[has], packed[has])
-            block = self.values[r]
-            scales = {}
-            for part, cols in self.part_runs():
-                if part not in scales:
-                    weight = p[:, self.show if part == 1 else self.width]
-                    scales[part] = np.divide(1.0, weight, out=np.zeros_like(weight),
-                                             where=weight > 0)[:, None]
-                block[:, cols] += p[:, cols] * scales[part]
-            for col in (self.show, self.click, self.delta):
-                block[:, col] += p[:, col]
-            block[:, self.unseen] = 0.0
-            self.values[r] = block
-            if self.split:
-                self.has_embedx[r] |= p[:, self.width] > 0
         if self.cold is not None:
             self.cold.spill(rows)
 
@@ -558,10 +486,16 @@ class SparseTable:
                 shard.add_delta(uniq[pos], m[:, :dim], m[:, dim] if stats else None,
                                 m[:, dim + 1] if stats else None)
 
+    # -- pass mode (shoal.ps.pass_records has the layouts) --------------------------------
     @property
     def record_width(self) -> int:
-        """Columns of a pass record: the row layout plus the embedx flag."""
+        """Columns of a pulled pass record: the row layout plus the embedx flag."""
         return self.shards[0].width + 1
+
+    @property
+    def pass_width(self) -> int:
+        """Columns of a pass write-back row: the row layout plus the two part weights."""
+        return self.shards[0].width + 2
 
     def pull_records(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Pass mode: (found [n], records [n, record_width]) for unique `keys`, pulled for training
@@ -571,40 +505,31 @@ class SparseTable:
         records = np.zeros((len(keys), self.record_width), np.float32)
         for shard, pos in self._groups(keys):
             with shard.lock:
-                f, rec = shard.pull_records(keys[pos])
-                found[pos], records[pos] = f, rec
+                found[pos], records[pos] = pass_records.pull_records(shard, keys[pos])
         return found, records
 
     def check_pass(self, keys: np.ndarray, packed: np.ndarray) -> None:
-        """Raise unless (keys, packed [n, record_width]) is a valid pass write-back."""
+        """Raise unless (keys, packed [n, pass_width]) is a valid pass write-back."""
         self._check_keys(keys, "push_pass")
-        self._check_rows(packed, len(keys), "push_pass", "packed pass records",
-                         (len(keys), self.record_width))
+        self._check_rows(packed, len(keys), "push_pass", "packed pass rows",
+                         (len(keys), self.pass_width))
         sh = self.shards[0]
-        if (packed[:, sh.show] < 0).any() or (packed[:, sh.width] < 0).any():
-            raise TableError(f"push_pass on table {self.spec.name!r}: show deltas and embedx "
+        counts = packed[:, [sh.show, sh.click, sh.width, sh.width + 1]]
+        if (counts < 0).any():
+            raise TableError(f"push_pass on table {self.spec.name!r}: shows, clicks and part "
                              f"weights must be >= 0 (they are counts); nothing was applied")
 
     def merge_pass(self, keys: np.ndarray, packed: np.ndarray) -> None:
-        """Pass mode: apply every worker's write-back of one pass at once.
-
-        Each worker sends, per key, the change of its record over the pass: the
-        learned columns (embedding and rule state) multiplied by the weight of
-        their part (the embed part: the worker's shows of the key in the pass,
-        its show delta; the embedx part: the same when the worker's copy had
-        embedx, else 0, in the extra last column), the statistics (show, click,
-        delta score) as plain deltas. Duplicate keys (several workers) are
-        summed, then the learned columns move by sum(w * delta) / sum(w), the
-        shows-weighted mean of the workers' moves, and the statistics by the
-        sum. With one worker the row becomes that worker's record. Rows the
-        table does not hold (not admitted) only count their shows and clicks
-        towards admission. Validated before anything changes; thread-safe.
-        """
+        """Pass mode: apply every worker's write-back of one pass at once (layout and rule:
+        shoal.ps.pass_records). Duplicate keys (several workers) are summed first, then each
+        row's learned columns move by the weighted mean of the workers' moves and its counts by
+        their sum; with one worker the row becomes that worker's record. Validated before
+        anything changes; thread-safe."""
         self.check_pass(keys, packed)
         uniq, merged = merge_rows(keys, packed)
         for shard, pos in self._groups(uniq):
             with shard.lock:
-                shard.merge_pass(uniq[pos], merged[pos])
+                pass_records.merge(shard, uniq[pos], merged[pos])
 
     def shrink(self) -> int:
         deleted = 0

@@ -135,6 +135,35 @@ class InMemoryDataset(DatasetBase):
             release_free_memory()
         return block
 
+    @property
+    def sparse_slots(self) -> list[str]:
+        """The names of the sparse slots in memory, sorted."""
+        return sorted(self._loaded().sparse)
+
+    def slot_values(self, names: Sequence[str], start: int = 0, stop: int | None = None) -> np.ndarray:
+        """The ids of sparse slots `names` in samples [start, stop) of the order `batches()`
+        yields (a pending shuffle included, without applying it), as one uint64 array in no
+        particular order. Pass mode scans a pass's keys with it."""
+        block, order = self._loaded(), self._order
+        missing = [n for n in names if n not in block.sparse]
+        if missing:
+            raise DataError(f"slot_values: {missing} are not sparse slots of this dataset (its "
+                            f"sparse slots: {sorted(block.sparse)})")
+        stop = block.size if stop is None else min(stop, block.size)
+        start = max(0, min(start, stop))
+        whole = start == 0 and stop == block.size  # every sample: the order does not matter
+        idx = None if whole else (order[start:stop] if order is not None else None)
+        parts = []
+        for name in names:
+            r = block.sparse[name]
+            if whole:
+                parts.append(r.values)
+            elif idx is None:
+                parts.append(r.slice(start, stop).values)
+            else:
+                parts.append(r.take(idx).values)
+        return np.concatenate(parts).astype(np.uint64, copy=False) if parts else np.zeros(0, np.uint64)
+
     def get_memory_data_size(self) -> int:
         """Samples held in memory by this worker (0 before loading)."""
         return 0 if self._block is None else self._block.size

@@ -261,3 +261,22 @@ def test_reading_block_or_shuffling_again_mid_iteration_changes_nothing_already_
     ds.local_shuffle(seed=6)
     got += list(it)
     assert len(got) == len(want) and all(g.equals(w) for g, w in zip(got, want))
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_slot_values_are_the_ids_the_batches_of_a_range_hold(files, shuffled):
+    ds = loaded(files[0])
+    if shuffled:
+        ds.local_shuffle(seed=3)
+    names = ds.sparse_slots[:3]
+    bs = 16
+    batches = list(ds.batches(bs))
+    for start, stop in ((0, None), (2, 5), (4, len(batches))):
+        want = np.concatenate([np.concatenate([b.sparse[n].values for b in batches[start:stop]])
+                               for n in names])
+        got = ds.slot_values(names, start * bs, None if stop is None else stop * bs)
+        np.testing.assert_array_equal(np.sort(got), np.sort(want))  # their order is unspecified
+        assert got.dtype == np.uint64
+    assert ds._order is not None or not shuffled  # the pending shuffle was not applied
+    with pytest.raises(DataError, match=r"\['nope'\] are not sparse slots"):
+        ds.slot_values(["nope"])

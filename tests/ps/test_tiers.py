@@ -15,6 +15,8 @@ from shoal.ps.errors import TableError
 from shoal.ps.sparse_table import SparseTable
 from shoal.ps.spec import SparseTableSpec
 from shoal.ps.tiers import MemoryTier, make_tier, tier_names
+from shoal.ps.tiers._filter import KeyFilter
+from shoal.ps.tiers.tiered import _order_key, _smallest
 
 N_KEYS = 240
 UNIVERSE = (np.arange(N_KEYS, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(12345)
@@ -226,24 +228,126 @@ def test_export_and_load_across_tiers_equal_the_all_ram_tables(mode, storage):
         _assert_exports_equal(_sorted_export(tiered2, 0), _sorted_export(ram2, 0))
 
 
-def test_a_reopened_rocksdb_has_the_cold_rows():
+def _tier_contents(tier):
+    parts = list(tier.batches(1000))
+    if not parts:
+        return np.zeros(0, np.uint64), np.zeros((0, tier.width), np.float32)
+    keys = np.concatenate([k for k, _ in parts])
+    records = np.concatenate([r for _, r in parts])
+    order = np.argsort(keys)
+    return keys[order], records[order]
+
+
+def test_a_reopened_ssd_tier_has_its_records_but_a_new_table_starts_empty():
     with tiered_pair("ssd", shards=2) as (_, tiered):
         tiered.pull(UNIVERSE, training=True)
         tiered.push(*_pushed(list(range(N_KEYS)), 3))
-        cold = np.concatenate([k for s in tiered.shards for k, _ in s.cold.tier.batches(1000)])
-        assert len(cold) == _cold_rows(tiered) > 0
-        want = tiered.pull(cold, training=False)
+        spec, width = tiered.spec, tiered.shards[0].cold.width
+        before = [_tier_contents(s.cold.tier) for s in tiered.shards]
+        assert sum(len(k) for k, _ in before) == _cold_rows(tiered) > 0
         tiered.close()
-        again = SparseTable(tiered.spec)
+
+        # the tier's own durability: opened again without `empty`, it reads what it wrote
+        for shard, (keys, records) in enumerate(before):
+            tier = make_tier("ssd", width=width, table="t", shard=shard, server=0, path=spec.ssd_path)
+            try:
+                assert len(tier) == len(keys)
+                got_keys, got_records = _tier_contents(tier)
+                np.testing.assert_array_equal(got_keys, keys)
+                np.testing.assert_array_equal(got_records, records)
+                np.testing.assert_array_equal(tier.get(keys)[1], records)
+            finally:
+                tier.close()
+        with pytest.raises(TableError, match="another width"):
+            make_tier("ssd", width=width + 1, table="t", shard=0, server=0, path=spec.ssd_path)
+
+        # a new table (a restarted server) drops what the dead one left, in both tiers
+        again = SparseTable(spec)
         try:
-            assert len(again) == len(cold) and again.stats()["tiers"]["arena"]["rows"] == 0
-            np.testing.assert_array_equal(again.pull(cold, training=False), want)
-            np.testing.assert_array_equal(again.pull(cold, training=True), want)  # promoted
-            assert _cold_rows(again) < len(cold)
+            assert len(again) == 0 and again.stats()["tiers"]["cold.ssd"]["rows"] == 0
+            assert all(len(_tier_contents(s.cold.tier)[0]) == 0 for s in again.shards)
+            assert np.all(again.pull(UNIVERSE, training=False) == 0) and len(again) == 0
+            fresh = SparseTable(dataclasses.replace(spec, storage="memory", memory_budget_mb=None,
+                                                    ssd_path=None))
+            np.testing.assert_array_equal(again.pull(UNIVERSE, training=True),
+                                          fresh.pull(UNIVERSE, training=True))
+            assert _cold_rows(again) > 0
         finally:
             again.close()
-        with pytest.raises(TableError, match="another width"):
-            SparseTable(dataclasses.replace(tiered.spec, dim=DIM + 1))
+        # another layout over the same directory starts empty too, instead of failing
+        other = SparseTable(dataclasses.replace(spec, dim=DIM + 1))
+        try:
+            assert len(other) == 0
+            other.pull(UNIVERSE, training=True)
+            assert len(other) == N_KEYS and _cold_rows(other) > 0
+        finally:
+            other.close()
+
+
+def test_one_process_refuses_a_second_table_on_the_same_column_families():
+    with tiered_pair("ssd", shards=2) as (ram, tiered):
+        tiered.pull(UNIVERSE, training=True)
+        with pytest.raises(TableError, match="already open in this process"):
+            SparseTable(tiered.spec)
+        # the first table is untouched by the refused one
+        assert len(tiered) == N_KEYS and _cold_rows(tiered) > 0
+        ram.pull(UNIVERSE, training=True)
+        np.testing.assert_array_equal(tiered.pull(UNIVERSE, training=False),
+                                      ram.pull(UNIVERSE, training=False))
+
+
+def test_the_known_cold_filter_never_misses_a_key_and_grows_by_levels():
+    rng = np.random.default_rng(0)
+    f = KeyFilter(1024)
+    added = []
+    for _ in range(20):
+        keys = rng.integers(0, 2 ** 64, 5000, dtype=np.uint64)
+        f.add(keys)
+        added.append(keys)
+        assert f.may_contain(np.concatenate(added)).all()  # no false negative, ever
+    assert len(f.levels) > 1 and f.nbytes == sum(lv.words.nbytes for lv in f.levels)
+    absent = rng.integers(0, 2 ** 64, 100_000, dtype=np.uint64)
+    assert f.may_contain(absent).mean() < 0.02  # ~0.5% measured at full capacity
+    levels = len(f.levels)
+    for keys in added:  # keys that come back (spilled again) do not fill a level
+        f.add(keys)
+    assert len(f.levels) == levels
+    f.clear()
+    assert not f.may_contain(np.concatenate(added)).any()
+    assert not KeyFilter().may_contain(np.zeros(0, np.uint64)).any()
+
+
+@pytest.mark.parametrize("storage", ["ssd", "memory"])
+def test_a_shrink_rebuilds_the_filter_from_the_keys_still_cold(storage):
+    with tiered_pair(storage, shards=1, delete_threshold=0.0) as (ram, tiered):
+        for t in (ram, tiered):
+            t.pull(UNIVERSE, training=True)
+        shard, cold, _ = _cold_and_hot(tiered)
+        tiered.pull(cold[:10], training=True)  # promoted: no longer in the tier
+        assert shard.cold.filter.may_contain(cold[:10]).all()  # stale until the rebuild
+        ram.pull(cold[:10], training=True)
+        assert tiered.shrink() == ram.shrink() == 0
+        still_cold = _tier_contents(shard.cold.tier)[0]
+        assert shard.cold.filter.may_contain(still_cold).all()
+        promoted = np.setdiff1d(cold[:10], still_cold)  # the spill may have sent some back
+        assert len(promoted) and shard.cold.filter.may_contain(promoted).mean() < 0.5
+        np.testing.assert_array_equal(tiered.pull(UNIVERSE, training=False),
+                                      ram.pull(UNIVERSE, training=False))
+
+
+def test_the_coldest_rows_are_found_without_a_sort():
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        n = int(rng.integers(1, 300))
+        first = rng.integers(-3, 3, n).astype(np.float32)  # many ties
+        second = rng.normal(0, 1, n).astype(np.float32)
+        last = rng.random(n) < rng.random()
+        k = int(rng.integers(0, n + 1))
+        pick = _smallest(_order_key(first, second), last, k)
+        want = np.lexsort((second, first, last))[:k]
+        assert len(pick) == len(np.unique(pick)) == k
+        got = sorted(zip(last[pick], first[pick], second[pick]))
+        assert got == sorted(zip(last[want], first[want], second[want]))
 
 
 def test_stats_report_rows_and_bytes_per_tier():

@@ -31,9 +31,11 @@ class StorageTier(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def open(cls, *, width: int, table: str, shard: int, server: int,
-             path: str | None) -> StorageTier:
-        """The tier of shard `shard` of `table` on server `server` (`path`: the spec's ssd_path),
-        holding whatever an earlier process left there."""
+             path: str | None, empty: bool = False) -> StorageTier:
+        """The tier of shard `shard` of `table` on server `server` (`path`: the spec's ssd_path).
+
+        With `empty` it starts with no records, whatever an earlier process left there (dropped
+        without a per-key pass); without it, a durable tier holds what it held before."""
 
     @abc.abstractmethod
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -83,8 +85,9 @@ def tier_names() -> tuple[str, ...]:
 
 
 def make_tier(name: str, *, width: int, table: str, shard: int, server: int,
-              path: str | None) -> StorageTier:
-    """A new tier `name` for shard `shard` of table `table` on server `server`.
+              path: str | None, empty: bool = False) -> StorageTier:
+    """The tier `name` for shard `shard` of table `table` on server `server` (see
+    StorageTier.open for `empty`).
 
     Raises TableError for an unknown name (listing the known ones) or a tier that cannot open.
     """
@@ -92,4 +95,5 @@ def make_tier(name: str, *, width: int, table: str, shard: int, server: int,
     if cls is None:
         raise TableError(f"table {table!r}: storage tier {name!r} is not registered; known tiers: "
                          f"{list(_TIERS)} (register one with shoal.ps.tiers.register_tier)")
-    return cls.open(width=width, table=table, shard=shard, server=server, path=path)
+    return cls.open(width=width, table=table, shard=shard, server=server, path=path,
+                    empty=empty)

@@ -22,7 +22,7 @@ class MemoryTier(StorageTier):
         self.records = np.zeros((0, width), np.float32)
 
     @classmethod
-    def open(cls, *, width, table, shard, server, path) -> MemoryTier:
+    def open(cls, *, width, table, shard, server, path, empty=False) -> MemoryTier:
         return cls(width)
 
     def get(self, keys):

@@ -16,7 +16,7 @@ from shoal.ps.sparse_table import SparseTable
 from shoal.ps.spec import SparseTableSpec
 from shoal.ps.tiers import MemoryTier, make_tier, tier_names
 from shoal.ps.tiers._filter import KeyFilter
-from shoal.ps.tiers.tiered import _order_key, _smallest
+from shoal.ps.tiers.tiered import _order_key, _scattered_order, _smallest, budget_rows
 
 N_KEYS = 240
 UNIVERSE = (np.arange(N_KEYS, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(12345)
@@ -27,9 +27,12 @@ EXACT = dict(nonclk_coeff=0.25, click_coeff=1.0, show_click_decay_rate=0.5, dele
 
 
 def _budget_mb(spec: SparseTableSpec, rows: int) -> float:
-    """A budget of about `rows` rows for `spec`'s layout (the tier's own row cost)."""
-    width = SparseTable(spec).shards[0].width
-    return rows * (4 * width + 8 + 1 + 24) / 2 ** 20
+    """The smallest budget (to 1%) under which the shards of `spec` keep `rows` hot rows in all."""
+    row_bytes = 4 * SparseTable(spec).shards[0].width + 8 + 1
+    per_shard, budget = -(-rows // spec.shards), 1
+    while budget_rows(budget, row_bytes) < per_shard:  # a test helper: a few hundred steps
+        budget = int(budget * 1.01) + 1
+    return budget * spec.shards / 2 ** 20
 
 
 @contextlib.contextmanager
@@ -348,6 +351,19 @@ def test_the_coldest_rows_are_found_without_a_sort():
         assert len(pick) == len(np.unique(pick)) == k
         got = sorted(zip(last[pick], first[pick], second[pick]))
         assert got == sorted(zip(last[want], first[want], second[want]))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 10, 12, 1000, 999_983, 1_048_576])
+def test_tied_rows_leave_the_map_spread_over_its_slots(n):
+    """A spill of tied rows takes them in this order: any prefix of it covers the slot order
+    evenly, so no region of the linear-probing map is left nearly full."""
+    order = _scattered_order(n)
+    np.testing.assert_array_equal(np.sort(order), np.arange(n))
+    if n >= 1000:
+        for share in (0.05, 0.2, 0.5):
+            counts = np.histogram(order[:int(share * n)], bins=10, range=(0, n))[0]
+            expected = share * n / 10  # a run of slots would leave most bins empty
+            assert np.all(np.abs(counts - expected) <= 0.1 * expected + 3), counts
 
 
 def test_stats_report_rows_and_bytes_per_tier():

@@ -4,8 +4,8 @@ Layout: one RocksDB database per server at `<ssd_path>/server-<index>`,
 shared by every table and shard of that server; a shard's rows live in the
 column family `<table>.<shard>` (a shard iterates only its own rows for
 shrink, day_tick and export). Keys are 8-byte big-endian strings, values the
-raw float32 record. Writes go in one WriteBatch per call, reads in one
-multi-get; the per-key byte strings are built by numpy (`view` + `tolist`)
+raw float32 record. Writes go in one WriteBatch per call (per 65536 keys),
+reads in one pass over the keys (per 65536 keys); the per-key byte strings are built by numpy (`view` + `tolist`)
 and fed to RocksDB through `map`, so no Python loop of ours runs per key.
 
 Durability: the WAL is on (RocksDB's default), so a write batch that
@@ -51,6 +51,7 @@ _BE = np.dtype(">u8")
 _CACHE_BYTES = 64 << 20         # block cache per database (per server)
 _MEMTABLES_BYTES = 256 << 20    # all write buffers of a database together (per server)
 _MEMTABLE_BUCKETS = 1 << 18     # ~2 records per bucket in a full 64 MiB write buffer
+_CHUNK = 65536                  # keys per multi-get or write batch
 
 
 def _options(cache: rocksdict.Cache | None = None) -> rocksdict.Options:
@@ -143,6 +144,12 @@ def _key_bytes(keys: np.ndarray) -> list:
     return keys.astype(_BE).view("V8").tolist()
 
 
+def _chunks(n: int) -> Iterator[slice]:
+    """Slices of at most _CHUNK: a spill of a million rows must not hold a million byte strings
+    (~0.2 KB each with the WriteBatch's copy) at once."""
+    return (slice(start, min(n, start + _CHUNK)) for start in range(0, n, _CHUNK))
+
+
 class SsdTier(StorageTier):
     """Records of one shard in a RocksDB column family (see the module docstring)."""
 
@@ -183,32 +190,40 @@ class SsdTier(StorageTier):
         return np.frombuffer(raw, np.float32).reshape(n, self.width).copy()
 
     def get(self, keys):
-        values = list(map(self._cf.get, _key_bytes(keys)))
-        found = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), bool, len(values))
+        found = np.zeros(len(keys), bool)
         out = np.zeros((len(keys), self.width), np.float32)
-        n = int(found.sum())
-        if n:
-            out[found] = self._records(itertools.compress(values, found), n)
+        for at in _chunks(len(keys)):
+            values = list(map(self._cf.get, _key_bytes(keys[at])))
+            hit = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), bool,
+                              len(values))
+            n = int(hit.sum())
+            if n:
+                found[at] = hit
+                out[at][hit] = self._records(itertools.compress(values, hit), n)
         return found, out
 
     def _write(self, fn, *columns) -> None:
         batch = rocksdict.WriteBatch(raw_mode=True)
         batch.set_default_column_family(self._handle)
         collections.deque(map(getattr(batch, fn), *columns), maxlen=0)
-        self._db.db.write(batch)
+        try:
+            self._db.db.write(batch)
+        except Exception as e:  # disk full, I/O error: RocksDB refuses further writes
+            raise TableError(f"writing to the RocksDB cold tier (column family {self.family!r} "
+                             f"at {self._db.path!r}) failed: {e}; the table's cold rows may be "
+                             f"incomplete: free the disk or fix the error, then restart the "
+                             f"server from the last checkpoint") from e
 
     def put(self, keys, records, *, fresh):
-        if len(keys) == 0:
-            return
-        block = np.ascontiguousarray(records, np.float32)
-        self._write("put", _key_bytes(keys), block.view(self._void).ravel().tolist())
+        block = np.ascontiguousarray(records, np.float32).view(self._void).ravel()
+        for at in _chunks(len(keys)):
+            self._write("put", _key_bytes(keys[at]), block[at].tolist())
         if fresh:
             self._n += len(keys)
 
     def delete(self, keys):
-        if len(keys) == 0:
-            return
-        self._write("delete", _key_bytes(keys))
+        for at in _chunks(len(keys)):
+            self._write("delete", _key_bytes(keys[at]))
         self._n -= len(keys)
 
     def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:

@@ -16,8 +16,18 @@ A training pull, a push or a GEO delta of a cold key brings it back in the
 same vectorized call; a read-only pull reads it where it is. A cold record
 is the row's float32 record followed by its embedx flag, so unseen days,
 scores and rule state travel with it and the tier-wide operations update
-them in batches. The budget counts, per row, its record, its key and embedx
-flag, and about 24 bytes of key index.
+them in batches.
+
+The budget counts the arena and its key map as they really grow: a row's
+record, key and embedx flag, and the map's slot table, a power of two of
+16-byte slots that doubles past 70% load. The rows a request adds enter the
+arena before the spill that follows it, so the budget keeps room for one
+request's new keys of up to an eighth of the hot rows (in the arena and the
+map) rather than let the map double: with 24 bytes of index per row and no
+room, a 50M-key table under a 2600 MiB budget peaked at 4554 MiB RSS, its
+maps twice the size counted; counted this way, at 3741 MiB (bench/tiered.py). Not counted: a map's first
+1024 slots (16 KiB), the known-cold filter, and RocksDB's own memory (see
+shoal.ps.tiers.ssd).
 
 Known-cold filter: before asking the tier about keys that missed the arena,
 a shard asks a Bloom filter of the keys it ever spilled (_filter.KeyFilter,
@@ -35,6 +45,8 @@ dead server's database open cleanly for its successor.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from shoal.ps.tiers._base import StorageTier, make_tier
@@ -42,7 +54,22 @@ from shoal.ps.tiers._filter import KeyFilter
 
 BATCH = 65536       # rows per batch when a tier-wide operation walks the cold rows
 _LOW_WATER = 0.8    # a spill goes down to this share of the budget (measured: see above)
-_INDEX_BYTES = 24   # a key map slot at the map's load factor
+_SLOT_BYTES = 16    # a KeyMap slot: key and row + 1 (csrc/keymap.cpp)
+_MAX_LOAD = 0.7     # the KeyMap doubles its slots when a key would pass this load
+_ROOM = 1 / 8       # room for one request's new rows, as a share of the budget's rows
+
+
+def budget_rows(budget_bytes: float, row_bytes: int) -> int:
+    """The most hot rows (at least 1) that fit `budget_bytes` with room for a request's new rows:
+    (1 + _ROOM) * rows * row_bytes of arena plus the slot table of a map that holds
+    (1 + _ROOM) * rows keys without growing."""
+    best, slots = 1, 16
+    while slots * _SLOT_BYTES < budget_bytes:
+        by_map = slots * _MAX_LOAD / (1 + _ROOM)
+        by_bytes = (budget_bytes - slots * _SLOT_BYTES) / (row_bytes * (1 + _ROOM))
+        best = max(best, int(min(by_map, by_bytes)))
+        slots *= 2
+    return best
 
 
 def _ordered_bits(x: np.ndarray) -> np.ndarray:
@@ -56,6 +83,22 @@ def _ordered_bits(x: np.ndarray) -> np.ndarray:
 def _order_key(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """One uint64 per row that orders rows by `first`, then `second` (float32 each)."""
     return (_ordered_bits(first) << np.uint64(32)) | _ordered_bits(second)
+
+
+def _scattered_order(n: int) -> np.ndarray:
+    """A permutation of range(n) that spreads any run of it over the whole range: i * r mod n for
+    r near n / golden ratio, coprime with n.
+
+    The map lists its keys in slot order, and a partition takes tied rows (all new rows look
+    alike) as one run of positions: erasing a run of slots leaves the rest of a linear-probing
+    map nearly full, and inserts into it then probe for ever (a 50M-key table stalled so).
+    Taking ties in this order erases slots evenly over the table."""
+    if n < 3:
+        return np.arange(n)
+    r = int(n * 0.6180339887498949) | 1
+    while math.gcd(r, n) != 1:
+        r += 2
+    return (np.arange(n, dtype=np.int64) * r) % n
 
 
 def _smallest(sort_key: np.ndarray, last: np.ndarray, n: int) -> np.ndarray:
@@ -81,8 +124,8 @@ class ColdRows:
         spec = shard.spec
         self.shard, self.spec = shard, spec
         self.width = shard.width + 1
-        row_bytes = 4 * shard.width + 8 + 1 + _INDEX_BYTES
-        self.budget_rows = max(1, int(spec.memory_budget_mb * 2 ** 20 / spec.shards / row_bytes))
+        self.budget_rows = budget_rows(spec.memory_budget_mb * 2 ** 20 / spec.shards,
+                                       4 * shard.width + 8 + 1)
         self.low_rows = max(1, int(self.budget_rows * _LOW_WATER))
         self.tier: StorageTier = make_tier(spec.storage, width=self.width, table=spec.name,
                                            shard=index, server=server, path=spec.ssd_path,
@@ -146,6 +189,8 @@ class ColdRows:
         if len(sh.map) <= self.budget_rows:
             return 0
         keys, rows = sh.map.items()
+        scatter = _scattered_order(len(keys))
+        keys, rows = keys[scatter], rows[scatter]
         v = sh.values
         recent = np.zeros(sh.map.row_bound, bool)
         recent[touched[touched >= 0]] = True

@@ -23,6 +23,16 @@ rows_50m_dim16_budget_4gb
     peak RSS MB, reference budget_4096mb, ratio peak / 4096, with rows per
     tier and seconds. The RocksDB directory is a temporary one, removed after.
 
+pass_mode_ctr_dnn
+    examples/ctr_dnn.py as real jobs of servers and workers on 127.0.0.1
+    (bench/ctr_ps.py's runner; 1x1 and 2x2): pass mode (ps_pass, each
+    epoch one pass: its keys' whole records pulled once, trained on the
+    worker, written back and merged) against per-step pulls and pushes in
+    sync mode (the same semantics), interleaved rounds, medians; async
+    (per-step pulls with prefetch) beside it. Examples/s over the whole
+    epoch, the pass's pull and write-back included; no GPU here, so the
+    pass table is numpy.
+
 Usage: python bench/tiered.py [--quick] [--case NAME ...] [--keys N] [--budget-mb MB]
 """
 from __future__ import annotations
@@ -31,11 +41,13 @@ import argparse
 import dataclasses
 import json
 import multiprocessing as mp
+import os
 import shutil
 import statistics
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -207,10 +219,45 @@ def case_50m(args) -> None:
          seconds=round(out["seconds"], 1))
 
 
-# The cases, in the order they run. Another engineer adds the pass-mode case here.
+def case_pass_mode(args) -> None:
+    """examples/ctr_dnn.py as real jobs (bench/ctr_ps.py's runner): pass mode (ps_pass, the epoch
+    one pass) against per-step pulls and pushes in sync mode (the same semantics: one worker's
+    pass = per-step sync training), interleaved rounds, medians; async (per-step pulls with
+    prefetch) is printed beside it. Each job's examples/s includes its pass's pull and
+    write-back."""
+    from ctr_ps import run  # bench/ctr_ps.py, beside this file
+
+    from shoal.worker.data.synthetic import ensure_synthetic_ctr
+
+    samples = 40_000 if args.quick else args.ctr_samples
+    rounds = 1 if args.quick else args.ctr_rounds
+    job = argparse.Namespace(cache=os.path.join(tempfile.gettempdir(), "shoal-bench-ctr"),
+                             samples=samples, test_samples=max(2000, samples // 10), timeout=900)
+    ensure_synthetic_ctr(job.cache, n_train=job.samples, n_test=job.test_samples)
+    modes = ("pass", "sync", "async")
+    for shape in args.ctr_shapes.split(","):
+        figures = {m: [] for m in modes}
+        with tempfile.TemporaryDirectory(prefix="shoal-bench-pass-") as tmp:
+            for r in range(rounds):
+                order = modes if r % 2 == 0 else modes[::-1]
+                for mode in order:
+                    work = Path(tmp) / f"{mode}-{r}"
+                    work.mkdir()
+                    workers = [f for f in run(f"{shape}:{mode}", job, work) if f["role"] == "worker"]
+                    figures[mode].append(sum(w["train_examples_per_s"] for w in workers))
+                    say(f"  pass_mode {shape} {mode} round {r}: {figures[mode][-1]:.0f} examples/s")
+        med = {m: statistics.median(v) for m, v in figures.items()}
+        emit(f"pass_mode_ctr_dnn_{shape}", med["pass"], "examples/s", "per_step_sync",
+             med["pass"] / med["sync"], reference_value=round(med["sync"], 1),
+             async_examples_per_s=round(med["async"], 1), ratio_vs_async=round(med["pass"] / med["async"], 3),
+             samples=job.samples, rounds=rounds)
+
+
+# The cases, in the order they run.
 CASES = {
     "pull_push_zipf_10pct_ram": case_zipf,
     "rows_50m_dim16_budget_4gb": case_50m,
+    "pass_mode_ctr_dnn": case_pass_mode,
 }
 
 
@@ -224,6 +271,10 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", type=int, default=None, help="50m: keys (default 50,000,000)")
     ap.add_argument("--budget-mb", type=float, default=None,
                     help=f"50m: memory_budget_mb (default {BUDGET_50M_MB:.0f} for 50M keys)")
+    ap.add_argument("--ctr-samples", type=int, default=200_000,
+                    help="pass mode: synthetic CTR training samples per job")
+    ap.add_argument("--ctr-shapes", default="1x1,2x2", help="pass mode: servers x workers")
+    ap.add_argument("--ctr-rounds", type=int, default=3, help="pass mode: interleaved rounds")
     args = ap.parse_args(argv)
     for name in args.case or list(CASES):
         CASES[name](args)

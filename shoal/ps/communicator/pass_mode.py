@@ -105,7 +105,17 @@ class PassTable:
 
     def known(self, keys: np.ndarray) -> np.ndarray:
         """Which of `keys` this copy holds (admitted or not)."""
-        return (self.map.lookup(keys) >= 0) | (self.absent.lookup(keys) >= 0)
+        return ~self.lookup(keys)[1]
+
+    def lookup(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, unknown) of `keys`: rows -1 where not admitted or not held, `unknown` where not
+        held at all (one map probe per key; the absent map only for the misses)."""
+        rows = self.map.lookup(keys)
+        unknown = rows < 0
+        if unknown.any():
+            miss = np.flatnonzero(unknown)
+            unknown[miss] = self.absent.lookup(keys[miss]) < 0
+        return rows, unknown
 
     def load(self, keys: np.ndarray, found: np.ndarray, records: np.ndarray) -> None:
         """Take the servers' records of unique `keys` none of which this copy holds yet."""
@@ -138,13 +148,15 @@ class PassTable:
                 self.absent_stats = grown
             self.absent_stats[arows] = 0.0
 
-    def pull(self, keys: np.ndarray) -> np.ndarray:
-        """Embeddings [n, dim] (host) of unique known `keys`; zeros for keys not admitted."""
-        rows = self.map.lookup(keys)
+    def pull(self, keys: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+        """Embeddings [n, dim] (host) of unique known `keys` (at `rows`, from `lookup`, when
+        given); zeros for keys not admitted."""
+        rows = self.map.lookup(keys) if rows is None else rows
         return self.be.to_numpy(self.be.ctr_pull(self.values, self.be.asarray(rows), self.spec.dim))
 
-    def check(self, keys, grads, shows, clicks) -> None:
-        """Raise unless (keys, grads [n, dim], shows [n], clicks [n]) is a valid push of known keys."""
+    def check(self, keys, grads, shows, clicks, unknown: np.ndarray | None = None) -> None:
+        """Raise unless (keys, grads [n, dim], shows [n], clicks [n]) is a valid push of known keys
+        (`unknown`: from `lookup`, when the caller has it)."""
         n, name = len(keys), self.spec.name
         if grads.shape != (n, self.spec.dim) or shows.shape != (n,) or clicks.shape != (n,):
             raise CommunicatorError(f"pass mode push to {name!r}: grads {grads.shape}, shows "
@@ -155,16 +167,17 @@ class PassTable:
                                     f"or inf; nothing was applied")
         if (shows < 0).any() or (clicks < 0).any():
             raise CommunicatorError(f"pass mode push to {name!r}: shows and clicks must be >= 0")
-        unknown = ~self.known(keys)
+        unknown = self.lookup(keys)[1] if unknown is None else unknown
         if unknown.any():
             raise CommunicatorError(f"pass mode push to {name!r}: {int(unknown.sum())} keys were "
                                     f"never pulled on this worker (a push follows the pull of its "
                                     f"forward)")
 
-    def push(self, keys: np.ndarray, grads: np.ndarray, shows: np.ndarray, clicks: np.ndarray) -> None:
-        """The table's rule on the copy, for unique known `keys` (see `check`); keys not admitted
-        only count their shows and clicks."""
-        rows = self.map.lookup(keys)
+    def push(self, keys: np.ndarray, grads: np.ndarray, shows: np.ndarray, clicks: np.ndarray,
+             rows: np.ndarray | None = None) -> None:
+        """The table's rule on the copy, for unique known `keys` (at `rows`, from `lookup`, when
+        given; see `check`); keys not admitted only count their shows and clicks."""
+        rows = self.map.lookup(keys) if rows is None else rows
         has = rows >= 0
         if not has.all():
             arows = self.absent.lookup(keys[~has])
@@ -233,6 +246,7 @@ class PassCommunicator(Communicator):
         self.misses = 0        # keys pulled during a pass that its begin_pass had not listed
         self._tables: dict[str, PassTable] = {}
         self._buffer: dict[str, list] = {}  # this step's pushes per table, applied merged at step()
+        self._pulled: dict[str, tuple] = {}  # table -> (keys, rows) of its last training pull
         self._dense_base: np.ndarray | None = None
         self._broken: str | None = None
 
@@ -328,7 +342,7 @@ class PassCommunicator(Communicator):
         if dense is not None:
             fresh = self.client.pull_dense(DENSE_TABLE)
             self._dense_base = fresh.copy()
-        self._tables = {}
+        self._tables, self._pulled = {}, {}
         self.passes += 1
         self.in_pass = False
         self.waits.push_wait += time.perf_counter() - t0
@@ -373,19 +387,27 @@ class PassCommunicator(Communicator):
             if not mine.all():
                 out[~mine] = super().pull(table, keys[~mine], training=False)
             return out
-        unknown = ~local.known(keys)
+        rows, unknown = local.lookup(keys)
         if unknown.any():
             self.misses += int(unknown.sum())
             self._fetch(local, keys[unknown])
-        return local.pull(keys)
+            rows, unknown = local.lookup(keys)
+        self._pulled[table] = (keys, rows)  # the layer pushes these very keys in its backward
+        return local.pull(keys, rows)
 
     def push(self, table, keys, grads, *, shows, clicks):
         """Hold a step's gradients (validated now); step() applies each table's, merged by key,
         once, as the servers do in sync mode."""
         self._check_usable("push")
         grads, shows, clicks = (np.asarray(a, np.float32) for a in (grads, shows, clicks))
-        self._table(table).check(keys, grads, shows, clicks)
-        self._buffer.setdefault(table, []).append((keys, grads, shows, clicks))
+        local = self._table(table)
+        pulled = self._pulled.get(table)
+        if pulled is not None and pulled[0] is keys:  # rows of known keys never move in a pass
+            rows, unknown = pulled[1], np.zeros(len(keys), bool)
+        else:
+            rows, unknown = local.lookup(keys)
+        local.check(keys, grads, shows, clicks, unknown)
+        self._buffer.setdefault(table, []).append((keys, grads, shows, clicks, rows))
 
     # -- dense and the step ------------------------------------------------------------
     def set_dense_base(self, values: np.ndarray) -> None:
@@ -404,7 +426,7 @@ class PassCommunicator(Communicator):
                 continue
             keys = np.concatenate([p[0] for p in parts])
             packed = np.concatenate([np.concatenate([g, s[:, None], c[:, None]], axis=1)
-                                     for _, g, s, c in parts])
+                                     for _, g, s, c, _ in parts])
             uniq, merged = merge_rows(keys, packed)
             dim = local.spec.dim
             local.push(uniq, merged[:, :dim], merged[:, dim], merged[:, dim + 1])
@@ -417,6 +439,6 @@ class PassCommunicator(Communicator):
 
     def reset(self) -> None:
         super().reset()
-        self._tables = {}
+        self._tables, self._pulled = {}, {}
         self._buffer = {}
         self.in_pass = False

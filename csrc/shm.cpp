@@ -35,6 +35,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <vector>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -255,6 +256,35 @@ DType parse_dtype(const char* what, const py::array& a) {
     throw py::type_error(std::string(what) + ": dtype " + std::string(py::str(dt)) + " is not supported; use one of " + kDtypes);
 }
 
+// The input of an all_reduce: one array, or several read as their concatenation (data
+// parallel's gradients, reduced where the engine left them into one bucket buffer).
+struct Pieces {
+    std::vector<const char*> data;
+    std::vector<size_t> start;  // byte offset of each piece, then the total
+
+    // bytes [off, off + len) of the concatenation into dst
+    void copy(char* dst, size_t off, size_t len) const {
+        size_t i = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), off) - start.begin()) - 1;
+        while (len) {
+            const size_t take = std::min(len, start[i + 1] - off);
+            std::memcpy(dst, data[i] + (off - start[i]), take);
+            dst += take, off += take, len -= take, ++i;
+        }
+    }
+    // a pointer to bytes [off, off + len) when one piece holds them all, else nullptr
+    const char* direct(size_t off, size_t len) const {
+        size_t i = static_cast<size_t>(std::upper_bound(start.begin(), start.end(), off) - start.begin()) - 1;
+        return off + len <= start[i + 1] ? data[i] + (off - start[i]) : nullptr;
+    }
+};
+
+template <typename T>
+void scale_kernel(void* p, double by, size_t n) {
+    T* x = static_cast<T*>(p);
+    const T f = static_cast<T>(by);
+    for (size_t i = 0; i < n; i++) x[i] *= f;
+}
+
 // ---------------------------------------------------------------- the segment
 
 class Segment {
@@ -320,49 +350,35 @@ public:
     // called it with another size, dtype or op.
     void all_reduce(py::object obj, const std::string& opname, int64_t timeout_ms) {
         const Buf a = checked("all_reduce", obj, true);
+        Pieces in{{a.data}, {0, a.nbytes}};
+        reduce_all("all_reduce", in, a, parse_op(opname), 1.0, timeout_ms);
+    }
+
+    // Reduce the concatenation of `inputs` (C-contiguous arrays of out's dtype, read only,
+    // their bytes adding up to out's) over the ranks into `out`, times `scale` (1, or a float
+    // dtype with op sum: an average). Blocks and raises like all_reduce.
+    void all_reduce_gather(py::list inputs, py::object out_obj, const std::string& opname,
+                           double scale, int64_t timeout_ms) {
+        const Buf out = checked("all_reduce_gather out", out_obj, true);
         const Op op = parse_op(opname);
-        const size_t item = a.item, nbytes = a.nbytes;
-        char* buf = a.data;
-        const Kernels k = kernels_for(a.dtype, op);
-        const uint32_t code = op_code(Kind::AllReduce, a.dtype, static_cast<uint32_t>(op));
-        py::gil_scoped_release nogil;
-        InFlight guard(this, "all_reduce");  // released before the GIL is retaken
-        const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
-        describe(code, nbytes);
-        const size_t align = kLine / item;  // partition boundaries on cache lines
-        size_t done = 0;
-        bool first = true;
-        do {
-            const size_t bytes = std::min(chunk_, nbytes - done);
-            const size_t n = bytes / item;
-            const int set = static_cast<int>(chunks_++ & 1);
-            const size_t units = (n + align - 1) / align;
-            auto part = [&](int r) {  // [first, last) elements of rank r's partition
-                return std::make_pair(std::min(n, units * r / world_ * align), std::min(n, units * (r + 1) / world_ * align));
-            };
-            char* chunk = buf + done;
-            // only the partitions the peers reduce: this rank reads its own straight from `buf`
-            for (int r = 0; r < world_; r++) {
-                auto [a, b] = part(r);
-                if (r != rank_ && b > a) std::memcpy(slot(set, rank_) + a * item, chunk + a * item, (b - a) * item);
-            }
-            arrive();
-            wait_all(deadline, "the chunk's data");
-            if (first) {
-                check_peers(code, nbytes, "all_reduce");
-                first = false;
-            }
-            auto [lo, hi] = part(rank_);
-            if (world_ > 1) reduce_partition(k, set, chunk, lo * item, (hi - lo) * item, item);
-            arrive();
-            wait_all(deadline, "the reduced partitions");
-            for (int r = 0; r < world_; r++) {
-                auto [a, b] = part(r);
-                if (r != rank_ && b > a) std::memcpy(chunk + a * item, slot(set, r) + a * item, (b - a) * item);
-            }
-            done += bytes;
-        } while (done < nbytes);
-        ops_++;
+        if (scale != 1.0 && (op != Op::Sum || (out.dtype != DType::F32 && out.dtype != DType::F64)))
+            throw py::value_error("all_reduce_gather: a scale other than 1 needs op sum and float32 or float64");
+        Pieces in;
+        std::vector<Buf> keep;  // the arrays stay referenced while the GIL is released
+        size_t total = 0;
+        for (const auto& item : inputs) {
+            Buf b = checked("all_reduce_gather input", py::reinterpret_borrow<py::object>(item), false);
+            if (b.dtype != out.dtype) throw py::type_error("all_reduce_gather: every input needs out's dtype");
+            in.data.push_back(b.data);
+            in.start.push_back(total);
+            total += b.nbytes;
+            keep.push_back(std::move(b));
+        }
+        in.start.push_back(total);
+        if (total != out.nbytes)
+            throw py::value_error("all_reduce_gather: the inputs hold " + std::to_string(total) + " bytes, out " +
+                                  std::to_string(out.nbytes));
+        reduce_all("all_reduce", in, out, op, scale, timeout_ms);
     }
 
     // Copy rank `root`'s `array` into every rank's, in place (the same shape and dtype on
@@ -442,19 +458,79 @@ private:
     Line* line(int r) const { return reinterpret_cast<Line*>(base_ + sizeof(Header)) + r; }
     char* slot(int set, int r) const { return base_ + data_off_ + (static_cast<size_t>(set) * world_ + r) * chunk_; }
 
-    // Reduce bytes [off, off + len) of every rank's chunk (this rank's in `chunk`, the peers'
-    // in their slots of `set`) in rank order, like a sequential numpy reduction (a0 op a1 op
-    // a2 ...), tile by tile through a buffer that stays in L1 (no loop writes what it reads),
-    // into `chunk` and into this rank's slot, where the peers copy it from.
-    void reduce_partition(const Kernels& k, int set, char* chunk, size_t off, size_t len, size_t item) {
+    // all_reduce of the concatenation `in` into `out` (the same memory for an in-place one; see
+    // the top of the file), times `scale`.
+    void reduce_all(const char* what, const Pieces& in, const Buf& out, Op op, double scale, int64_t timeout_ms) {
+        const size_t item = out.item, nbytes = out.nbytes;
+        char* buf = out.data;
+        const Kernels k = kernels_for(out.dtype, op);
+        void (*scaler)(void*, double, size_t) = scale == 1.0 ? nullptr
+            : out.dtype == DType::F32 ? &scale_kernel<float> : &scale_kernel<double>;
+        const uint32_t code = op_code(Kind::AllReduce, out.dtype, static_cast<uint32_t>(op));
+        py::gil_scoped_release nogil;
+        InFlight guard(this, what);  // released before the GIL is retaken
+        const auto deadline = Clock::now() + std::chrono::milliseconds(timeout_ms);
+        describe(code, nbytes);
+        const size_t align = kLine / item;  // partition boundaries on cache lines
+        size_t done = 0;
+        bool first = true;
+        do {
+            const size_t bytes = std::min(chunk_, nbytes - done);
+            const size_t n = bytes / item;
+            const int set = static_cast<int>(chunks_++ & 1);
+            const size_t units = (n + align - 1) / align;
+            auto part = [&](int r) {  // [first, last) elements of rank r's partition
+                return std::make_pair(std::min(n, units * r / world_ * align), std::min(n, units * (r + 1) / world_ * align));
+            };
+            char* chunk = buf + done;
+            // only the partitions the peers reduce: this rank reads its own straight from `in`
+            for (int r = 0; r < world_; r++) {
+                auto [a, b] = part(r);
+                if (r != rank_ && b > a) in.copy(slot(set, rank_) + a * item, done + a * item, (b - a) * item);
+            }
+            arrive();
+            wait_all(deadline, "the chunk's data");
+            if (first) {
+                check_peers(code, nbytes, what);
+                first = false;
+            }
+            auto [lo, hi] = part(rank_);
+            reduce_partition(k, scaler, scale, set, in, done, chunk, lo * item, (hi - lo) * item, item);
+            arrive();
+            wait_all(deadline, "the reduced partitions");
+            for (int r = 0; r < world_; r++) {
+                auto [a, b] = part(r);
+                if (r != rank_ && b > a) std::memcpy(chunk + a * item, slot(set, r) + a * item, (b - a) * item);
+            }
+            done += bytes;
+        } while (done < nbytes);
+        ops_++;
+    }
+
+    // Reduce bytes [off, off + len) of every rank's chunk (this rank's read from `in` at
+    // `base` + off, the peers' from their slots of `set`) in rank order, like a sequential numpy
+    // reduction (a0 op a1 op a2 ...), tile by tile through a buffer that stays in L1 (no loop
+    // writes what it reads), times `scale` when `scaler` is set, into `chunk` (the output) and
+    // into this rank's slot, where the peers copy it from.
+    void reduce_partition(const Kernels& k, void (*scaler)(void*, double, size_t), double scale, int set,
+                          const Pieces& in, size_t base, char* chunk, size_t off, size_t len, size_t item) {
         alignas(64) static thread_local char tile[kTile];
-        auto src = [&](int r, size_t t) -> const char* {
-            return (r == rank_ ? chunk : slot(set, r)) + off + t;
-        };
+        alignas(64) static thread_local char own[kTile];
         for (size_t t = 0; t < len; t += kTile) {
             const size_t bytes = std::min(kTile, len - t), n = bytes / item;
-            k.three(tile, src(0, t), src(1, t), n);
-            for (int r = 2; r < world_; r++) k.acc(tile, src(r, t), n);
+            const char* mine = in.direct(base + off + t, bytes);
+            if (!mine) {  // the tile spans two inputs: gather it (L1 traffic only)
+                in.copy(own, base + off + t, bytes);
+                mine = own;
+            }
+            auto src = [&](int r) -> const char* { return r == rank_ ? mine : slot(set, r) + off + t; };
+            if (world_ > 1) {
+                k.three(tile, src(0), src(1), n);
+                for (int r = 2; r < world_; r++) k.acc(tile, src(r), n);
+            } else {
+                std::memcpy(tile, mine, bytes);
+            }
+            if (scaler) scaler(tile, scale, n);
             std::memcpy(slot(set, rank_) + off + t, tile, bytes);
             std::memcpy(chunk + off + t, tile, bytes);
         }
@@ -587,6 +663,8 @@ Segment(name, rank, world, chunk_bytes, create) creates (rank 0, create=True, O_
 attaches to the segment `name` (a /dev/shm name, starting with '/'). Segment.all_reduce(array,
 op, timeout_ms) reduces a C-contiguous writable numpy array (float16/32/64, int8, uint8, int32,
 int64; op sum, max, min or prod) in place over the ranks, with the GIL released, chunk by chunk;
+all_reduce_gather(inputs, out, op, scale, timeout_ms) reduces the concatenation of a list of
+arrays into `out` (times `scale`: data parallel's average, with no copy into a bucket first);
 broadcast(array, root, timeout_ms) and all_gather(inp, out, timeout_ms) likewise.
 One operation at a time per segment (the caller's issuing thread); after a ShmError the segment
 is out of step and must not be used again. unlink_segment(name) removes the name (the memory
@@ -602,6 +680,8 @@ lives on while mapped).)doc";
              py::arg("world"), py::arg("chunk_bytes"), py::arg("create"))
         .def("all_reduce", &Segment::all_reduce, py::arg("array"), py::arg("op") = "sum",
              py::arg("timeout_ms") = 30000)
+        .def("all_reduce_gather", &Segment::all_reduce_gather, py::arg("inputs"), py::arg("out"),
+             py::arg("op") = "sum", py::arg("scale") = 1.0, py::arg("timeout_ms") = 30000)
         .def("broadcast", &Segment::broadcast, py::arg("array"), py::arg("root"), py::arg("timeout_ms") = 30000)
         .def("all_gather", &Segment::all_gather, py::arg("inp"), py::arg("out"), py::arg("timeout_ms") = 30000)
         .def("pid", &Segment::pid, py::arg("rank"))

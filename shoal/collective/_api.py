@@ -329,6 +329,31 @@ def all_reduce(tensor, op=ReduceOp.SUM, group=None, sync_op: bool = True) -> Tas
     return g.execute("all_reduce", run, sync_op=sync_op, then=back)
 
 
+def all_reduce_into(inputs: list, out, group=None, scale: float = 1.0,
+                    sync_op: bool = True) -> Task | None:
+    """Shoal's own (data parallel's bucket): `out` (flat) = the sum over ranks of the
+    concatenation of `inputs` (arrays of out's dtype, any shapes, whose sizes add up to out's),
+    times `scale`. Where the group can (shared memory), the inputs are read where they are,
+    with no copy into `out` first; they must not change until the operation ends."""
+    g = _group(group)
+    out = _array(out, "all_reduce_into out", writes=True)
+    arrays = [_array(a, "all_reduce_into inputs") for a in inputs]
+    if out.ndim != 1:
+        raise InvalidArgumentError(f"all_reduce_into: out must be flat, got shape {tuple(out.shape)}")
+    bad = [str(a.dtype) for a in arrays if a.dtype != out.dtype]
+    if bad:
+        raise InvalidArgumentError(f"all_reduce_into: inputs of dtype {sorted(set(bad))} for an out "
+                                   f"of {out.dtype}; every input needs out's dtype")
+    total = sum(int(a.size) for a in arrays)
+    if total != out.size:
+        raise InvalidArgumentError(f"all_reduce_into: the inputs hold {total} elements, out {out.size}")
+    native, back = g._to_native(out)
+    natives = [a if isinstance(a, np.ndarray) and a.flags.c_contiguous else g._to_native(a)[0]
+               for a in arrays]
+    return g.execute("all_reduce", lambda: g._all_reduce_into(natives, native, "sum", float(scale)),
+                     sync_op=sync_op, then=back)
+
+
 def broadcast(tensor, src: int, group=None, sync_op: bool = True) -> Task | None:
     """Copy rank `src`'s `tensor` into every rank's, in place."""
     g, data = _group(group), _array(tensor, "broadcast", writes=True)

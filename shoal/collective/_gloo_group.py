@@ -16,6 +16,8 @@ from shoal.collective import _shm_group
 from shoal.collective._group import ProcessGroup, register_backend
 from shoal.collective.errors import BackendUnavailableError, RendezvousError
 
+_SHM_SCALED = (np.dtype(np.float32), np.dtype(np.float64))  # dtypes the shm path scales
+
 _HOW_TO = ("the Gloo binding (shoal.collective._gloo) was not built: install the system's Gloo "
            "(`apt-get install libgloo-dev` on Debian/Ubuntu, as root) and reinstall Shoal "
            "(`pip install -e .`, or run ./scripts/test, which does both); or use the nccl backend "
@@ -91,6 +93,12 @@ class GlooGroup(ProcessGroup):
             self._shm.all_reduce(arr, op, int(self.timeout * 1000))
         else:
             self._ctx.allreduce(arr, op)
+
+    def _all_reduce_into(self, inputs, out, op, scale):
+        if self._through_shm(out, *inputs) and (scale == 1.0 or out.dtype in _SHM_SCALED):
+            self._shm.all_reduce_gather(list(inputs), out, op, scale, int(self.timeout * 1000))
+        else:
+            super()._all_reduce_into(inputs, out, op, scale)
 
     def _broadcast(self, arr, root):
         if self._through_shm(arr):

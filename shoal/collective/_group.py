@@ -159,6 +159,20 @@ class ProcessGroup(abc.ABC):
     @abc.abstractmethod
     def _all_reduce(self, arr, op: str) -> None: ...
 
+    def _all_reduce_into(self, inputs: list, out, op: str, scale: float) -> None:
+        """`out` (native, flat) = the reduction over ranks of the concatenation of `inputs` (flat
+        native arrays of out's dtype), times `scale`: here, a copy into `out` then `_all_reduce`;
+        a backend may read the inputs where they are instead."""
+        off = 0
+        for a in inputs:
+            part = out[off:off + a.size]
+            if scale == 1.0:
+                part[...] = a.reshape(-1)
+            else:  # scaled on the way in (the copy's one pass)
+                part[...] = a.reshape(-1) * out.dtype.type(scale)
+            off += a.size
+        self._all_reduce(out, op)
+
     @abc.abstractmethod
     def _broadcast(self, arr, root: int) -> None: ...
 

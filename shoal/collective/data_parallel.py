@@ -42,6 +42,7 @@ class _Bucket:
         self.dtype = params[0].dtype
         self.ready: set[int] = set()
         self.buffer = None   # the flat gradients (+ one flag each) of the pass in progress
+        self.pieces = None   # what its all-reduce reads: the gradients as backward left them
         self.task = None
         self.spare = None    # last pass's buffer, reused once nothing else refers to it
 
@@ -141,27 +142,27 @@ class DataParallel(GradSync, LayerWrapper):
             self._start(self._buckets[self._next])
 
     def _start(self, bucket: _Bucket) -> None:
-        """Copy the bucket's gradients into its flat buffer and start its all-reduce."""
+        """Start the all-reduce of the bucket's gradients, averaged, into its flat buffer: read
+        where backward left them (through shared memory: no copy into the bucket first)."""
         xp = backend_of(bucket.params[0].data).xp
         k = len(bucket.params)
         flat = bucket.take_buffer(xp, sum(bucket.sizes) + k)
-        off, scale = 0, 1.0 / self._group.size
         # one flag per parameter rides along: a parameter no rank has a gradient for keeps None
-        flags = flat[-k:]
+        flags = xp.zeros(k, dtype=bucket.dtype)
+        pieces = []
         for i, (p, n) in enumerate(zip(bucket.params, bucket.sizes)):
-            g, part = p._grad, flat[off:off + n]
+            g = p._grad
             if g is None:
-                part[...] = 0
-                flags[i] = 0
+                g = xp.zeros(n, dtype=bucket.dtype)
             else:
                 if isinstance(g, SparseGrad):  # dense models: sparse tables belong on servers
                     g = g.to_dense()
-                # scaled on the way in (the copy's one pass): the sum is then the average
-                xp.multiply(g.reshape(-1), scale, out=part)
                 flags[i] = 1
-            off += n
-        bucket.buffer = flat
-        bucket.task = _api.all_reduce(flat, "sum", self._group, sync_op=False)
+            pieces.append(g.reshape(-1))  # backward never writes a gradient it handed out
+        pieces.append(flags)
+        bucket.buffer, bucket.pieces = flat, pieces
+        bucket.task = _api.all_reduce_into(pieces, flat, self._group, scale=1.0 / self._group.size,
+                                           sync_op=False)
         object.__setattr__(self, "_next", self._next + 1)
 
     def _finish_pass(self) -> None:
@@ -193,7 +194,7 @@ class DataParallel(GradSync, LayerWrapper):
                 bucket.ready.clear()
                 if bucket.buffer is not None:  # the `.grad`s may be views of it: see take_buffer
                     bucket.spare = bucket.buffer
-                bucket.buffer = bucket.task = None
+                bucket.buffer = bucket.task = bucket.pieces = None
 
     # -- drift -------------------------------------------------------------------------
     def check_replicas(self) -> None:

@@ -156,3 +156,44 @@ def subgroups() -> dict:
     out["world_sum"] = x
     dist.destroy_process_group()
     return out
+
+
+PIECES = (1, 17, 5000, 3, 40000, 7)  # across tiles and chunks, and pieces inside one tile
+
+
+def gather_into() -> dict:
+    """all_reduce_into of several arrays into one flat buffer (data parallel's bucket), averaged
+    for floats, summed for int64, and the bad calls it refuses before sending anything."""
+    from shoal.collective import InvalidArgumentError, _api
+    dist, world = _init(30)
+    r, n = dist.get_rank(), dist.get_world_size()
+    out = {"uses_shm": world.uses_shm}
+    ops0 = world.shm_ops
+    for dt in ("float32", "float64", "int64"):
+        pieces = [value(r, dt, k, salt=i) for i, k in enumerate(PIECES)]
+        pieces[2] = pieces[2].reshape(50, 100)  # any shape: read as its flat elements
+        flat = np.full(sum(PIECES), -1, dt)
+        scale = 1.0 / n if dt != "int64" else 1.0
+        _api.all_reduce_into(pieces, flat, scale=scale)
+        out[f"into/{dt}"] = flat
+        out[f"pieces_unchanged/{dt}"] = all(
+            np.array_equal(p.reshape(-1), value(r, dt, k, salt=i).reshape(-1))
+            for i, (p, k) in enumerate(zip(pieces, PIECES)))
+    task = _api.all_reduce_into([value(r, "float32", 300), value(r, "float32", 9)],
+                                y := np.zeros(309, np.float32), sync_op=False)
+    task.wait()
+    out["async"] = y
+    out["shm_ops"] = world.shm_ops - ops0
+    errors = []
+    for bad in (lambda: _api.all_reduce_into([np.ones(3, np.float32)], np.zeros(4, np.float32)),
+                lambda: _api.all_reduce_into([np.ones(4, np.float64)], np.zeros(4, np.float32)),
+                lambda: _api.all_reduce_into([np.ones(4, np.float32)], np.zeros((2, 2), np.float32))):
+        try:
+            bad()
+        except InvalidArgumentError as e:
+            errors.append(str(e))
+    out["errors"] = errors
+    dist.all_reduce(z := np.ones(2, np.float32))  # the group is still in step after the refusals
+    out["after"] = z
+    dist.destroy_process_group()
+    return out

@@ -138,3 +138,29 @@ def test_subgroups_get_their_own_segments():
     assert len(names) == 3, names   # the world and the two groups: three segments
     for name in names:
         assert not os.path.exists("/dev/shm" + name)
+
+
+@pytest.mark.parametrize("world,env", [(2, {}), (3, {}), (2, {"SHOAL_SHM": "0"})])
+def test_all_reduce_into_reads_the_pieces_in_place_and_averages_into_the_bucket(world, env):
+    """Data parallel's bucket: the concatenation of several arrays reduced into one flat buffer
+    (through shared memory: read where they are; with SHOAL_SHM=0: Gloo after a copy)."""
+    results = spawn(shm_ranks.gather_into, nprocs=world, timeout=120,
+                    env=env)
+    for out in results:
+        for dt in ("float32", "float64", "int64"):
+            per_rank = [np.concatenate([value(r, dt, k, salt=i).reshape(-1)
+                                        for i, k in enumerate(shm_ranks.PIECES)])
+                        for r in range(world)]
+            total = np.sum(per_rank, axis=0, dtype=dt)
+            want = total if dt == "int64" else total * np.dtype(dt).type(1.0 / world)
+            np.testing.assert_allclose(out[f"into/{dt}"], want, rtol=1e-6, err_msg=dt)
+            np.testing.assert_array_equal(out[f"into/{dt}"], results[0][f"into/{dt}"])
+            assert out[f"pieces_unchanged/{dt}"]
+        np.testing.assert_allclose(out["async"], sum(np.concatenate([value(r, "float32", 300),
+                                                                     value(r, "float32", 9)])
+                                                     for r in range(world)), rtol=1e-6)
+        assert out["uses_shm"] == (not env) and out["shm_ops"] == (4 if not env else 0)
+        assert len(out["errors"]) == 3
+        assert "hold 3 elements, out 4" in out["errors"][0]
+        assert "needs out's dtype" in out["errors"][1] and "must be flat" in out["errors"][2]
+        np.testing.assert_array_equal(out["after"], [world, world])

@@ -137,11 +137,13 @@ class DataParallel(GradSync, LayerWrapper):
             return
         bucket, i = self._where[id(param)]
         bucket.ready.add(i)
-        while self._next < len(self._buckets) and \
+        # the last bucket completes as backward ends: _finish_pass reduces it on this thread
+        # (no hand-off to the group's worker thread and back while nothing is left to overlap)
+        while self._next < len(self._buckets) - 1 and \
                 len(self._buckets[self._next].ready) == len(self._buckets[self._next].params):
             self._start(self._buckets[self._next])
 
-    def _start(self, bucket: _Bucket) -> None:
+    def _start(self, bucket: _Bucket, sync: bool = False) -> None:
         """Start the all-reduce of the bucket's gradients, averaged, into its flat buffer: read
         where backward left them (through shared memory: no copy into the bucket first)."""
         xp = backend_of(bucket.params[0].data).xp
@@ -162,15 +164,16 @@ class DataParallel(GradSync, LayerWrapper):
         pieces.append(flags)
         bucket.buffer, bucket.pieces = flat, pieces
         bucket.task = _api.all_reduce_into(pieces, flat, self._group, scale=1.0 / self._group.size,
-                                           sync_op=False)
+                                           sync_op=sync)
         object.__setattr__(self, "_next", self._next + 1)
 
     def _finish_pass(self) -> None:
         try:
             while self._next < len(self._buckets):
-                self._start(self._buckets[self._next])
+                self._start(self._buckets[self._next], sync=self._next == len(self._buckets) - 1)
             for bucket in self._buckets:
-                bucket.task.wait()
+                if bucket.task is not None:  # None: reduced synchronously
+                    bucket.task.wait()
                 flat, off = bucket.buffer, 0
                 flags = flat[-len(bucket.params):]
                 for p, n, flag in zip(bucket.params, bucket.sizes, flags.tolist()):

@@ -80,7 +80,30 @@ class _PushLedger:
         return True
 
 
-class _StepSum:
+class _Held:
+    """What _StepSum and _PassMerge share: parts held under a lock until a set is complete, and
+    tables whose completed set could not be applied (every later part to them is refused)."""
+
+    what = "step"
+
+    def __init__(self, max_open: int):
+        self.lock = threading.Lock()
+        self.open: dict[tuple, object] = {}  # (table, number) -> the parts held so far
+        self.max_open = max_open
+        self.broken: dict[str, str] = {}     # table -> why a completed set could not be applied
+
+    def apply(self, table: str, number, parts: list, fn) -> None:
+        """Run `fn(parts)` for a completed set; if it fails, every later part for `table` is
+        refused (the other workers were told their parts were taken)."""
+        try:
+            fn(parts)
+        except BaseException as e:
+            with self.lock:
+                self.broken[table] = f"{self.what} {number} could not be applied ({e})"
+            raise
+
+
+class _StepSum(_Held):
     """Sync mode: the pushes of one training step from every worker, applied once together.
 
     A push whose header carries ``"sync": [step, count]`` is validated and
@@ -91,21 +114,8 @@ class _StepSum:
     """
 
     def __init__(self, max_open: int = 256):
-        self.lock = threading.Lock()
-        self.open: dict[tuple, list] = {}  # (table, step) -> [count, parts]
-        self.max_open = max_open
-        self.broken: dict[str, str] = {}   # table -> why a completed step could not be applied
+        super().__init__(max_open)           # open: (table, step) -> [count, parts]
         self.done: dict[str, int] = {}     # table -> the last step completed
-
-    def apply(self, table: str, step, parts: list, fn) -> None:
-        """Run `fn(parts)` for a completed step; if it fails, every later sync push to `table`
-        is refused (the other workers were told their parts were taken)."""
-        try:
-            fn(parts)
-        except BaseException as e:
-            with self.lock:
-                self.broken[table] = f"step {step} could not be applied ({e})"
-            raise
 
     def add(self, table: str, sync, part) -> list | None:
         """Hold `part`; the list of all parts once this completes the step, else None.
@@ -148,7 +158,7 @@ class _StepSum:
             return list(entry[1].values())
 
 
-class _PassMerge:
+class _PassMerge(_Held):
     """Pass mode: every worker's write-back of one pass, in chunks, merged and applied once.
 
     A push_pass carries ``"sync": [pass, count, worker]`` and ``"chunk": [i, total]``; the
@@ -156,11 +166,10 @@ class _PassMerge:
     applies them all together before it is answered. A resent chunk replaces itself.
     """
 
+    what = "pass"
+
     def __init__(self, max_open: int = 64):
-        self.lock = threading.Lock()
-        self.open: dict[tuple, dict] = {}  # (table, pass) -> {"count", "totals", "parts"}
-        self.max_open = max_open
-        self.broken: dict[str, str] = {}
+        super().__init__(max_open)  # open: (table, pass) -> {"count", "totals", "parts"}
 
     @staticmethod
     def _ints(value, n: int) -> bool:
@@ -197,15 +206,6 @@ class _PassMerge:
                 return None
             del self.open[(table, number)]
             return list(entry["parts"].values())
-
-    def apply(self, table: str, number: int, parts: list, fn) -> None:
-        """Run `fn(parts)`; if it fails, every later write-back to `table` is refused."""
-        try:
-            fn(parts)
-        except BaseException as e:
-            with self.lock:
-                self.broken[table] = f"pass {number} could not be applied ({e})"
-            raise
 
 
 class _Gathering:

@@ -250,8 +250,7 @@ class PSRuntime(StrategyChoice):
             worker_num=self.worker_num(), timeout=self.rpc_timeout,
             send_queue_size=cfg.send_queue_size, max_merge_var_num=cfg.max_merge_var_num,
             k_steps=cfg.k_steps, pass_timeout=cfg.pass_timeout,
-            sparse_lr={s.name: s.learning_rate for s in specs
-                                            if s.kind == "sparse"})
+            sparse_lr={s.name: s.learning_rate for s in specs if s.kind == "sparse"})
 
     def _flush(self) -> None:
         """Everything this worker queued or trained locally reaches the servers; the worker's

@@ -161,3 +161,12 @@ class RefTable:
             for k in out:
                 self.rows[k]["delta"] = 0.0
         return sorted(out)
+
+
+def random_push(keys: np.ndarray, dim: int, seed: int):
+    """(keys, grads, shows, clicks) of a push: normal gradients, 1-3 shows, clicks <= shows."""
+    rng = np.random.default_rng(seed)
+    grads = rng.normal(0, 1, (len(keys), dim)).astype(np.float32)
+    shows = rng.integers(1, 4, len(keys)).astype(np.float32)
+    clicks = np.minimum(rng.integers(0, 3, len(keys)), shows).astype(np.float32)
+    return keys, grads, shows, clicks

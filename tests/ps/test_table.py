@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from shoal.ps.errors import TableError
 from shoal.ps.sparse_table import SparseTable
 from shoal.ps.spec import SparseTableSpec
-from tests.ps.table_reference import RefTable
+from tests.ps.table_reference import RefTable, random_push
 
 UNIVERSE = np.array([0, 1, 2, 3, 17, 42, 1 << 32, (1 << 63) + 5, 2 ** 64 - 1, 999, 12345, 7],
                     dtype=np.uint64)
@@ -39,12 +39,7 @@ ops = st.lists(st.one_of(
 
 
 def _pushed(idx, seed):
-    rng = np.random.default_rng(seed)
-    keys = UNIVERSE[idx]
-    grads = rng.normal(0, 1, (len(keys), DIM)).astype(np.float32)
-    shows = rng.integers(1, 4, len(keys)).astype(np.float32)
-    clicks = np.minimum(rng.integers(0, 3, len(keys)), shows).astype(np.float32)
-    return keys, grads, shows, clicks
+    return random_push(UNIVERSE[idx], DIM, seed)
 
 
 def _assert_same(table, ref):

@@ -17,6 +17,7 @@ from shoal.ps.spec import SparseTableSpec
 from shoal.ps.tiers import MemoryTier, make_tier, tier_names
 from shoal.ps.tiers._filter import KeyFilter
 from shoal.ps.tiers.tiered import _order_key, _scattered_order, _smallest, budget_rows
+from tests.ps.table_reference import random_push
 
 N_KEYS = 240
 UNIVERSE = (np.arange(N_KEYS, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)) ^ np.uint64(12345)
@@ -51,12 +52,7 @@ def tiered_pair(storage="ssd", eviction="unseen_days", budget_rows=N_KEYS // 10,
 
 
 def _pushed(idx, seed):
-    rng = np.random.default_rng(seed)
-    keys = UNIVERSE[idx]
-    grads = rng.normal(0, 1, (len(keys), DIM)).astype(np.float32)
-    shows = rng.integers(1, 4, len(keys)).astype(np.float32)
-    clicks = np.minimum(rng.integers(0, 3, len(keys)), shows).astype(np.float32)
-    return keys, grads, shows, clicks
+    return random_push(UNIVERSE[idx], DIM, seed)
 
 
 def _sorted_export(table, mode):

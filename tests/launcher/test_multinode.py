@@ -84,9 +84,13 @@ def test_a_collective_job_over_two_nodes_gets_its_contract_and_a_clear_gloo_refu
     codes, outs, token = _nodes(netns, tmp_path, flags, HERE / "coll_roles.py", [out, "ok", "-"])
     assert codes == [1, 1], outs
     for i, ranks in enumerate(((0, 1), (2, 3))):
-        for r in ranks:
-            log = (tmp_path / f"log{i}" / f"workerlog.{r}").read_text()
-            assert "mixes IPv4 and IPv6" in log and "127.0.0.1:0,127.0.0.1:0,[::1]:0,[::1]:0" in log
+        # the first rank of a node to fail makes its fleetrun stop the other, which on a loaded
+        # machine may not have reached init_parallel_env yet (an empty log): every rank that got
+        # there says so, and on every node at least one did
+        logs = [(tmp_path / f"log{i}" / f"workerlog.{r}").read_text() for r in ranks]
+        said = [log for log in logs if "mixes IPv4 and IPv6" in log]
+        assert said and all(log in said for log in logs if log.strip()), logs
+        assert all("127.0.0.1:0,127.0.0.1:0,[::1]:0,[::1]:0" in log for log in said)
     assert "master 127.0.0.1:6200" in (tmp_path / "log0" / "endpoints.log").read_text()
     assert not _orphans(token)
 

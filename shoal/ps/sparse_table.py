@@ -561,7 +561,8 @@ class SparseTable:
 
     def stats(self) -> dict:
         """rows, pending keys and RAM bytes; with a budget also `tiers`: rows and bytes per tier
-        ("memory": the arenas, key index excluded; the storage tier by name: its records)."""
+        ("arena": the arenas, key map excluded; the storage tier by name: its records, and the
+        RAM it holds itself as `ram_bytes`: the ssd tier's key index)."""
         ram = int(sum(s.values.nbytes + s.row_keys.nbytes + s.has_embedx.nbytes for s in self.shards))
         out = {"rows": len(self), "pending": sum(len(s.pending) for s in self.shards if s.pending),
                "bytes": ram}
@@ -569,7 +570,7 @@ class SparseTable:
             hot = {"rows": sum(len(s.map) for s in self.shards), "bytes": ram}
             cold = [s.cold.stats() for s in self.shards]
             out["tiers"] = {"arena": hot, f"cold.{self.spec.storage}": {
-                "rows": sum(c["rows"] for c in cold), "bytes": sum(c["bytes"] for c in cold)}}
+                k: sum(c[k] for c in cold) for k in ("rows", "bytes", "ram_bytes")}}
             out["budget_rows"] = sum(c["budget_rows"] for c in cold)
         return out
 

@@ -15,7 +15,7 @@ from shoal.ps.errors import TableError
 from shoal.ps.sparse_table import SparseTable
 from shoal.ps.spec import SparseTableSpec
 from shoal.ps.tiers import MemoryTier, make_tier, tier_names
-from shoal.ps.tiers._filter import KeyFilter
+from shoal.ps.tiers import ssd as ssd_tier
 from shoal.ps.tiers.tiered import _order_key, _scattered_order, _smallest, budget_rows
 from tests.ps.table_reference import random_push
 
@@ -237,28 +237,14 @@ def _tier_contents(tier):
     return keys[order], records[order]
 
 
-def test_a_reopened_ssd_tier_has_its_records_but_a_new_table_starts_empty():
+def test_a_new_table_on_the_directory_of_a_dead_one_starts_empty():
     with tiered_pair("ssd", shards=2) as (_, tiered):
         tiered.pull(UNIVERSE, training=True)
         tiered.push(*_pushed(list(range(N_KEYS)), 3))
-        spec, width = tiered.spec, tiered.shards[0].cold.width
+        spec = tiered.spec
         before = [_tier_contents(s.cold.tier) for s in tiered.shards]
         assert sum(len(k) for k, _ in before) == _cold_rows(tiered) > 0
         tiered.close()
-
-        # the tier's own durability: opened again without `empty`, it reads what it wrote
-        for shard, (keys, records) in enumerate(before):
-            tier = make_tier("ssd", width=width, table="t", shard=shard, server=0, path=spec.ssd_path)
-            try:
-                assert len(tier) == len(keys)
-                got_keys, got_records = _tier_contents(tier)
-                np.testing.assert_array_equal(got_keys, keys)
-                np.testing.assert_array_equal(got_records, records)
-                np.testing.assert_array_equal(tier.get(keys)[1], records)
-            finally:
-                tier.close()
-        with pytest.raises(TableError, match="another width"):
-            make_tier("ssd", width=width + 1, table="t", shard=0, server=0, path=spec.ssd_path)
 
         # a new table (a restarted server) drops what the dead one left, in both tiers
         again = SparseTable(spec)
@@ -283,6 +269,113 @@ def test_a_reopened_ssd_tier_has_its_records_but_a_new_table_starts_empty():
             other.close()
 
 
+@contextlib.contextmanager
+def _ssd_tier(width=5):
+    path = tempfile.mkdtemp(prefix="shoal-tiers-")
+    tier = make_tier("ssd", width=width, table="t", shard=0, server=0, path=path)
+    try:
+        yield tier
+    finally:
+        tier.close()
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _segments(tier):
+    """Segment ids stored in RocksDB (read straight from the column family)."""
+    return sorted(int.from_bytes(k, "big") for k in tier._cf.keys())
+
+
+def test_the_ssd_tier_equals_the_memory_tier_and_reclaims_dead_segments():
+    rng = np.random.default_rng(5)
+    universe = rng.integers(0, 2 ** 64, 30_000, dtype=np.uint64)
+    with _ssd_tier() as ssd:
+        mem = MemoryTier(ssd.width)
+        live_most = 0
+        for step in range(60):
+            keys = np.unique(rng.choice(universe, int(rng.integers(1, 3000))))
+            op = step % 4
+            if op in (0, 1):  # new and stored keys together: a stored key's record is replaced
+                records = rng.normal(size=(len(keys), ssd.width)).astype(np.float32)
+                ssd.put(keys, records)
+                mem.put(keys, records)
+            elif op == 2:
+                (found, records), want = ssd.take(keys), mem.take(keys)
+                np.testing.assert_array_equal(found, want[0])
+                np.testing.assert_array_equal(records, want[1])
+            else:
+                ssd.delete(keys)
+                mem.delete(keys)
+            assert len(ssd) == len(mem)
+            np.testing.assert_array_equal(ssd.contains(universe), mem.contains(universe))
+            found, records = ssd.get(universe)
+            want_found, want = mem.get(universe)
+            np.testing.assert_array_equal(found, want_found)
+            np.testing.assert_array_equal(records, want)
+            live_most = max(live_most, len(ssd))
+            # dead slots are reclaimed: never more than about twice the live records on disk
+            on_disk = len(_segments(ssd)) * ssd_tier.SEGMENT_ROWS
+            assert on_disk <= 2 * len(ssd) + ssd_tier._GC_FLOOR + 2 * ssd_tier.SEGMENT_ROWS, step
+            np.testing.assert_array_equal(_tier_contents(ssd)[0], _tier_contents(mem)[0])
+        assert live_most > 5000
+        ssd.delete(universe)
+        assert len(ssd) == 0 and _segments(ssd) == []  # empty segments leave RocksDB
+        mem.close()
+
+
+def test_an_iteration_sees_its_snapshot_while_the_caller_rewrites():
+    rng = np.random.default_rng(6)
+    keys = np.unique(rng.integers(0, 2 ** 64, 20_000, dtype=np.uint64))
+    with _ssd_tier(width=2) as ssd:
+        ssd.put(keys, np.zeros((len(keys), 2), np.float32))
+        ssd.delete(keys[::3])  # dead slots: a rewrite may reuse ids and trigger no compaction
+        seen = []
+        for k, rec in ssd.batches(1000):  # what day_tick does: +1 to every row once
+            rec[:, 0] += 1.0
+            ssd.put(k, rec)
+            seen.append(k)
+        seen = np.concatenate(seen)
+        assert len(seen) == len(np.unique(seen)) == len(ssd)
+        _, records = ssd.get(np.sort(seen))
+        np.testing.assert_array_equal(records[:, 0], 1.0)
+
+
+def test_a_failed_rocksdb_write_changes_nothing_in_the_tier(monkeypatch):
+    rng = np.random.default_rng(7)
+    keys = np.unique(rng.integers(0, 2 ** 64, 1000, dtype=np.uint64))
+    with _ssd_tier() as ssd:
+        ssd.put(keys[:500], np.ones((500, ssd.width), np.float32))
+        before = (len(ssd), _tier_contents(ssd), ssd.contains(keys))
+
+        def refuse(*_):
+            raise OSError("No space left on device")
+        monkeypatch.setattr(ssd, "_batch", refuse)
+        with pytest.raises(TableError, match="No space left on device.*restart the server"):
+            ssd.put(keys, np.zeros((len(keys), ssd.width), np.float32))
+        with pytest.raises(TableError, match="No space left on device"):
+            ssd.delete(keys[:500])
+        with pytest.raises(TableError, match="No space left on device"):
+            ssd.take(keys[:500])
+        monkeypatch.undo()
+        assert len(ssd) == before[0]
+        np.testing.assert_array_equal(ssd.contains(keys), before[2])
+        for got, want in zip(_tier_contents(ssd), before[1]):
+            np.testing.assert_array_equal(got, want)
+
+
+def test_a_damaged_cold_tier_is_reported_not_read_as_rows():
+    keys = np.arange(1, 20, dtype=np.uint64)
+    with _ssd_tier() as ssd:
+        ssd.put(keys, np.ones((len(keys), ssd.width), np.float32))
+        first = int(ssd._where[ssd._index.lookup(keys[:1])][0]) // ssd_tier.SEGMENT_ROWS
+        ssd._cf.delete(first.to_bytes(8, "big"))  # a segment lost behind the index's back
+        with pytest.raises(TableError, match="lacks segments its index places rows in"):
+            ssd.get(keys)
+        assert ssd.contains(keys).all()  # the failed take put its keys back
+        with pytest.raises(TableError, match="damaged"):
+            ssd.take(keys)
+        assert ssd.contains(keys).all()
+
+
 def test_one_process_refuses_a_second_table_on_the_same_column_families():
     with tiered_pair("ssd", shards=2) as (ram, tiered):
         tiered.pull(UNIVERSE, training=True)
@@ -291,45 +384,6 @@ def test_one_process_refuses_a_second_table_on_the_same_column_families():
         # the first table is untouched by the refused one
         assert len(tiered) == N_KEYS and _cold_rows(tiered) > 0
         ram.pull(UNIVERSE, training=True)
-        np.testing.assert_array_equal(tiered.pull(UNIVERSE, training=False),
-                                      ram.pull(UNIVERSE, training=False))
-
-
-def test_the_known_cold_filter_never_misses_a_key_and_grows_by_levels():
-    rng = np.random.default_rng(0)
-    f = KeyFilter(1024)
-    added = []
-    for _ in range(20):
-        keys = rng.integers(0, 2 ** 64, 5000, dtype=np.uint64)
-        f.add(keys)
-        added.append(keys)
-        assert f.may_contain(np.concatenate(added)).all()  # no false negative, ever
-    assert len(f.levels) > 1 and f.nbytes == sum(lv.words.nbytes for lv in f.levels)
-    absent = rng.integers(0, 2 ** 64, 100_000, dtype=np.uint64)
-    assert f.may_contain(absent).mean() < 0.02  # ~0.5% measured at full capacity
-    levels = len(f.levels)
-    for keys in added:  # keys that come back (spilled again) do not fill a level
-        f.add(keys)
-    assert len(f.levels) == levels
-    f.clear()
-    assert not f.may_contain(np.concatenate(added)).any()
-    assert not KeyFilter().may_contain(np.zeros(0, np.uint64)).any()
-
-
-@pytest.mark.parametrize("storage", ["ssd", "memory"])
-def test_a_shrink_rebuilds_the_filter_from_the_keys_still_cold(storage):
-    with tiered_pair(storage, shards=1, delete_threshold=0.0) as (ram, tiered):
-        for t in (ram, tiered):
-            t.pull(UNIVERSE, training=True)
-        shard, cold, _ = _cold_and_hot(tiered)
-        tiered.pull(cold[:10], training=True)  # promoted: no longer in the tier
-        assert shard.cold.filter.may_contain(cold[:10]).all()  # stale until the rebuild
-        ram.pull(cold[:10], training=True)
-        assert tiered.shrink() == ram.shrink() == 0
-        still_cold = _tier_contents(shard.cold.tier)[0]
-        assert shard.cold.filter.may_contain(still_cold).all()
-        promoted = np.setdiff1d(cold[:10], still_cold)  # the spill may have sent some back
-        assert len(promoted) and shard.cold.filter.may_contain(promoted).mean() < 0.5
         np.testing.assert_array_equal(tiered.pull(UNIVERSE, training=False),
                                       ram.pull(UNIVERSE, training=False))
 
@@ -370,6 +424,8 @@ def test_stats_report_rows_and_bytes_per_tier():
         assert hot["rows"] + cold["rows"] == s["rows"] == N_KEYS
         assert 0 < hot["rows"] <= s["budget_rows"] and cold["rows"] > 0
         assert cold["bytes"] == cold["rows"] * (4 * (tiered.shards[0].width + 1) + 8)
+        index = sum(16 * sh.cold.tier._index.capacity for sh in tiered.shards)
+        assert index < cold["ram_bytes"] < index + 64 * cold["rows"]  # the key index, reported
         assert "tiers" not in ram.stats()
         assert all(shard.cold is None for shard in ram.shards)  # no budget: the plain arena
 

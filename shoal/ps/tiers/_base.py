@@ -4,6 +4,9 @@ A tier is a store of fixed-width float32 records keyed by uint64 (one record
 per row: the shard's row layout plus its embedx flag). Every method is
 vectorized over a numpy key array; none loops in Python per key. A tier
 serves one shard, under that shard's lock: it is not thread-safe by itself.
+A tier starts empty, whatever an earlier process left at its place: the
+records are the spill of one table process (see shoal.ps.tiers.tiered for
+why a restarted server starts from its checkpoint instead).
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ from shoal.ps.errors import TableError
 class StorageTier(abc.ABC):
     """Cold rows of one shard: uint64 key -> float32 record of `width`.
 
-    Contract: each key is stored at most once; `put` says whether its keys are
-    new or overwritten, and `delete` takes keys that are present (the caller
-    knows which from `get`), so `len` stays exact without extra reads.
+    Contract: each key is stored at most once (a put of a stored key replaces
+    its record), and membership is answered in RAM: `contains` and the
+    absent keys of `get` cost no disk read.
     """
 
     name: str = ""
@@ -31,11 +34,13 @@ class StorageTier(abc.ABC):
     @classmethod
     @abc.abstractmethod
     def open(cls, *, width: int, table: str, shard: int, server: int,
-             path: str | None, empty: bool = False) -> StorageTier:
-        """The tier of shard `shard` of `table` on server `server` (`path`: the spec's ssd_path).
+             path: str | None) -> StorageTier:
+        """The tier of shard `shard` of `table` on server `server` (`path`: the spec's ssd_path),
+        empty (what an earlier process left there is dropped without a per-key pass)."""
 
-        With `empty` it starts with no records, whatever an earlier process left there (dropped
-        without a per-key pass); without it, a durable tier holds what it held before."""
+    @abc.abstractmethod
+    def contains(self, keys: np.ndarray) -> np.ndarray:
+        """bool [n]: which of `keys` are stored. Read-only; no disk read."""
 
     @abc.abstractmethod
     def get(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -43,13 +48,17 @@ class StorageTier(abc.ABC):
         zeros. Read-only."""
 
     @abc.abstractmethod
-    def put(self, keys: np.ndarray, records: np.ndarray, *, fresh: bool) -> None:
-        """Write `records` [n, width] for unique `keys`, as one batch: with `fresh` none of the
-        keys is stored yet (a spill), without it all are (an overwrite)."""
+    def take(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """`get` and `delete` of unique `keys` in one: (found, records) of the keys it held, which
+        it then holds no more (a promotion)."""
+
+    @abc.abstractmethod
+    def put(self, keys: np.ndarray, records: np.ndarray) -> None:
+        """Write `records` [n, width] for unique `keys` (new or stored ones), as one batch."""
 
     @abc.abstractmethod
     def delete(self, keys: np.ndarray) -> None:
-        """Remove unique `keys`, all of which are present, as one batch."""
+        """Remove unique `keys` (absent ones are ignored), as one batch."""
 
     @abc.abstractmethod
     def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -63,6 +72,10 @@ class StorageTier(abc.ABC):
     def nbytes(self) -> int:
         """Bytes of the records (keys included), as stored before any compression."""
         return len(self) * (4 * self.width + 8)
+
+    @abc.abstractmethod
+    def ram_bytes(self) -> int:
+        """Bytes of RAM the tier holds itself (its index; for a RAM tier, the records too)."""
 
     def close(self) -> None:
         """Release files and handles; the tier is unusable afterwards. Idempotent."""
@@ -85,9 +98,8 @@ def tier_names() -> tuple[str, ...]:
 
 
 def make_tier(name: str, *, width: int, table: str, shard: int, server: int,
-              path: str | None, empty: bool = False) -> StorageTier:
-    """The tier `name` for shard `shard` of table `table` on server `server` (see
-    StorageTier.open for `empty`).
+              path: str | None) -> StorageTier:
+    """The tier `name`, empty, for shard `shard` of table `table` on server `server`.
 
     Raises TableError for an unknown name (listing the known ones) or a tier that cannot open.
     """
@@ -95,5 +107,4 @@ def make_tier(name: str, *, width: int, table: str, shard: int, server: int,
     if cls is None:
         raise TableError(f"table {table!r}: storage tier {name!r} is not registered; known tiers: "
                          f"{list(_TIERS)} (register one with shoal.ps.tiers.register_tier)")
-    return cls.open(width=width, table=table, shard=shard, server=server, path=path,
-                    empty=empty)
+    return cls.open(width=width, table=table, shard=shard, server=server, path=path)

@@ -22,8 +22,11 @@ class MemoryTier(StorageTier):
         self.records = np.zeros((0, width), np.float32)
 
     @classmethod
-    def open(cls, *, width, table, shard, server, path, empty=False) -> MemoryTier:
+    def open(cls, *, width, table, shard, server, path) -> MemoryTier:
         return cls(width)
+
+    def contains(self, keys):
+        return self.map.lookup(keys) >= 0
 
     def get(self, keys):
         rows = self.map.lookup(keys)
@@ -32,7 +35,14 @@ class MemoryTier(StorageTier):
         out[found] = self.records[rows[found]]
         return found, out
 
-    def put(self, keys, records, *, fresh):
+    def take(self, keys):
+        rows = self.map.erase(keys)
+        found = rows >= 0
+        out = np.zeros((len(keys), self.width), np.float32)
+        out[found] = self.records[rows[found]]
+        return found, out
+
+    def put(self, keys, records):
         rows, _ = self.map.get_or_insert(keys)
         if self.map.row_bound > len(self.records):
             grown = np.zeros((max(self.map.row_bound, 2 * len(self.records)), self.width), np.float32)
@@ -51,6 +61,9 @@ class MemoryTier(StorageTier):
 
     def __len__(self) -> int:
         return len(self.map)
+
+    def ram_bytes(self) -> int:
+        return 16 * self.map.capacity + self.records.nbytes
 
     def close(self) -> None:
         self.map.clear()

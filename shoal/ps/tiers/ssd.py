@@ -1,42 +1,57 @@
-"""The `ssd` tier: cold records in RocksDB (rocksdict), one column family per table shard.
+"""The `ssd` tier: cold records in RocksDB (rocksdict) as segments of a few rows, one column
+family per table shard, with the key index in RAM.
 
 Layout: one RocksDB database per server at `<ssd_path>/server-<index>`,
-shared by every table and shard of that server; a shard's rows live in the
-column family `<table>.<shard>` (a shard iterates only its own rows for
-shrink, day_tick and export). Keys are 8-byte big-endian strings, values the
-raw float32 record. Writes go in one WriteBatch per call (per 65536 keys),
-reads in one pass over the keys (per 65536 keys); the per-key byte strings are built by numpy (`view` + `tolist`)
-and fed to RocksDB through `map`, so no Python loop of ours runs per key.
+shared by every table and shard of that server; a shard's records live in
+the column family `<table>.<shard>`. A RocksDB value is a SEGMENT of
+SEGMENT_ROWS records (the float32 records, then their uint64 keys, padded to
+full size), under its 8-byte big-endian segment id. The index, a KeyMap in
+RAM, gives every cold key its position (segment id * SEGMENT_ROWS + slot).
 
-Durability: the WAL is on (RocksDB's default), so a write batch that
-returned survives a kill of the server and the database opens cleanly
-again. `open(empty=False)` finds a family's records again (the tier's own
-durability); `open(empty=True)`, what a tiered table does, drops the family
-and starts it empty (see shoal.ps.tiers.tiered for why).
+Why segments and an index (bench/tiered.py, the 10M-key Zipf stream): a
+RocksDB operation costs about the same for one 100-byte record as for a
+segment of eight (0.6-1.5 us through rocksdict, most of it per operation),
+and a spill writes thousands of records at once. One record per RocksDB key
+took ~9.3k writes and deletes per batch, 0.32x the all-RAM speed; eight per
+value take ~0.9k writes, and a promotion no write at all: it only updates
+the index, leaving a dead slot behind. What it costs: RAM per cold key, the
+map's 16-byte slots at 35-70% load plus a 4-byte position (reported by
+`ram_bytes`, outside the table's memory_budget_mb like RocksDB's own
+memory); a read fetches a whole segment (eight records) for one.
 
-Options, chosen by measurement (bench/tiered.py, a 10M-key Zipf stream,
-and single-operation timings with 800k records of 88 bytes):
-- no compression: the records are float32 that barely compress;
-- a 10-bit Bloom filter per table file: a lookup of an absent key skips
-  most files;
-- a hash-linked memtable keyed by the whole 8-byte key: a write of one
-  record went from ~1.8 us (the default skiplist) to ~0.6 us, which took
-  the Zipf case from 0.15x to 0.29x the all-RAM speed (with the known-cold
-  filter on in both). Whole-family iteration (shrink, day_tick, export)
-  then needs total-order reads, which it asks for, and flushes sort the
-  memtable in RocksDB's background threads;
-- RAM outside the table's budget, per server: a 64 MiB block cache and at
-  most 256 MiB of write buffers (all column families together).
-Reads are one `get` per key through `map` rather than rocksdict's list
-multi-get, which cost 1.1 us per present key against 0.85 us for single
-gets on memtable-resident records (and 0.5 us against 0.2 on a tiny one).
-The WAL costs ~0.15 us of a record's write and stays on.
+Dead slots: a slot dies when its key is promoted, deleted or written again
+(a rewrite goes to a new segment). A segment with no live slot is deleted
+(its id is reused, so often it is simply overwritten). When the dead slots
+of the partly live segments outnumber the live rows (plus a floor), the
+sparsest segments are rewritten: their live rows go into new segments, so
+the disk holds at most about twice the live records.
+
+Whole-tier passes (shrink, day_tick, export) iterate the family from an
+implicit snapshot and keep a slot only if the index still places its key
+there, so the caller may write while it iterates.
+
+Durability: the WAL is on, so a write batch that returned survives a kill
+of the server and the database opens cleanly again. The index is not
+persisted: a tier always starts EMPTY (its column family is dropped and
+made anew, no per-key pass), which is what a restarted server needs anyway:
+its hot rows died with it, so its cold rows alone are a state the table
+never was in, and the last checkpoint brings every row back (see
+shoal.ps.tiers.tiered).
+
+Options, chosen by measurement: no compression (float32 records barely
+compress); a 10-bit Bloom filter per table file; a hash-linked memtable
+keyed by the whole 8-byte id (a write of a small value: ~0.6 us against
+~1.8 with the default skip list; whole-family iteration then asks for
+total-order reads, and flushes sort the memtable in RocksDB's background
+threads); per server, a 64 MiB block cache and at most 256 MiB of write
+buffers (all column families together). Reads are one `get` per segment
+through `map`: rocksdict's list multi-get cost 1.9 us per key against 0.7
+for single gets on memtable-resident values.
 """
 from __future__ import annotations
 
 import collections
 import itertools
-import operator
 import os
 import threading
 from collections.abc import Iterator
@@ -44,14 +59,18 @@ from collections.abc import Iterator
 import numpy as np
 import rocksdict
 
+from shoal.ps._keymap import KeyMap
 from shoal.ps.errors import TableError
 from shoal.ps.tiers._base import StorageTier, register_tier
 
+SEGMENT_ROWS = 8
 _BE = np.dtype(">u8")
 _CACHE_BYTES = 64 << 20         # block cache per database (per server)
 _MEMTABLES_BYTES = 256 << 20    # all write buffers of a database together (per server)
-_MEMTABLE_BUCKETS = 1 << 18     # ~2 records per bucket in a full 64 MiB write buffer
-_CHUNK = 65536                  # keys per multi-get or write batch
+_MEMTABLE_BUCKETS = 1 << 18     # hash buckets of one memtable
+_CHUNK = 8192                   # segments per write batch or read pass
+_GC_FLOOR = 4096                # dead slots tolerated whatever the live rows
+_MAX_SEGMENTS = 2 ** 32 // SEGMENT_ROWS  # positions are uint32
 
 
 def _options(cache: rocksdict.Cache | None = None) -> rocksdict.Options:
@@ -112,20 +131,18 @@ class _Db:
             db.users += 1
             return db
 
-    def family(self, name: str, empty: bool):
-        """The column family `name`, for one user at a time; with `empty`, dropped and made anew
-        (RocksDB deletes the old files in the background: no per-key work)."""
+    def family(self, name: str):
+        """The column family `name`, empty (dropped and made anew: RocksDB deletes the old files
+        in the background), for one user at a time."""
         with self._lock:
             if name in self.in_use:
                 raise TableError(f"column family {name!r} of the RocksDB at {self.path!r} is "
                                  f"already open in this process (two tables with one name on "
                                  f"one server index?); close the first one, or use another "
                                  f"table name or ssd_path")
-            if name in self.names and empty:
+            if name in self.names:
                 self.db.drop_column_family(name)
-                self.names.discard(name)
-            cf = self.db.get_column_family(name) if name in self.names else \
-                self.db.create_column_family(name, _options(self.cache))
+            cf = self.db.create_column_family(name, _options(self.cache))
             self.names.add(name)
             self.in_use.add(name)
             return cf
@@ -140,25 +157,23 @@ class _Db:
                 self.db = None
 
 
-def _key_bytes(keys: np.ndarray) -> list:
-    return keys.astype(_BE).view("V8").tolist()
+def _ids(segments: np.ndarray) -> list:
+    return segments.astype(_BE).view("V8").tolist()
 
 
 def _chunks(n: int) -> Iterator[slice]:
-    """Slices of at most _CHUNK: a spill of a million rows must not hold a million byte strings
-    (~0.2 KB each with the WriteBatch's copy) at once."""
     return (slice(start, min(n, start + _CHUNK)) for start in range(0, n, _CHUNK))
 
 
 class SsdTier(StorageTier):
-    """Records of one shard in a RocksDB column family (see the module docstring)."""
+    """Records of one shard in segments of a RocksDB column family (see the module docstring)."""
 
-    def __init__(self, width: int, path: str, family: str, empty: bool = False):
+    def __init__(self, width: int, path: str, family: str):
         super().__init__(width)
         self.family = family
         self._db = _Db.acquire(path)
         try:
-            self._cf = self._db.family(family, empty)
+            self._cf = self._db.family(family)
         except TableError:
             self._db.release(None)
             raise
@@ -167,77 +182,232 @@ class SsdTier(StorageTier):
             raise TableError(f"cannot open column family {family!r} of the RocksDB at {path!r}: "
                              f"{e}") from e
         self._handle = self._db.db.get_column_family_handle(family)
-        self._void = np.dtype((np.void, 4 * width))
-        try:
-            self._n = 0 if empty else sum(len(k) for k, _ in self.batches(65536))
-        except TableError:
-            self.close()
-            raise
+        self._words = SEGMENT_ROWS * (width + 2)   # float32 words of a segment: records, then keys
+        self._value = np.dtype((np.void, 4 * self._words))
+        self._index = KeyMap()                     # key -> index row
+        self._where = np.zeros(0, np.uint32)       # index row -> segment * SEGMENT_ROWS + slot
+        self._live = np.zeros(0, np.uint8)         # segment id -> live slots (0: free or unused)
+        self._free = np.zeros(0, np.int64)         # ids below len(_live) with no value in RocksDB
+        self._dead = 0                             # dead slots of the segments with a live one
+        self._iterating = 0                        # open batches(): no compaction meanwhile
 
     @classmethod
-    def open(cls, *, width, table, shard, server, path, empty=False) -> SsdTier:
+    def open(cls, *, width, table, shard, server, path) -> SsdTier:
         if not path:
             raise TableError(f"table {table!r}: storage 'ssd' needs ssd_path (a directory for "
                              f"RocksDB)")
-        return cls(width, os.path.join(path, f"server-{server:05d}"), f"{table}.{shard}", empty)
+        return cls(width, os.path.join(path, f"server-{server:05d}"), f"{table}.{shard}")
 
-    def _records(self, values, n: int) -> np.ndarray:
-        raw = b"".join(values)
-        if len(raw) != n * 4 * self.width:
-            raise TableError(f"RocksDB column family {self.family!r} at {self._db.path!r} holds "
-                             f"records of another width than {self.width} float32 (written with "
-                             f"another rule, dim or layout?); use another ssd_path or delete it")
-        return np.frombuffer(raw, np.float32).reshape(n, self.width).copy()
+    # -- segments ----------------------------------------------------------------------
+    def _split(self, words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(records [m, SEGMENT_ROWS, width], keys [m, SEGMENT_ROWS]) of segment words [m, _words]."""
+        cut = SEGMENT_ROWS * self.width
+        return (words[:, :cut].reshape(-1, SEGMENT_ROWS, self.width),
+                np.ascontiguousarray(words[:, cut:]).view(np.uint64))
 
-    def get(self, keys):
-        found = np.zeros(len(keys), bool)
-        out = np.zeros((len(keys), self.width), np.float32)
-        for at in _chunks(len(keys)):
-            values = list(map(self._cf.get, _key_bytes(keys[at])))
-            hit = np.fromiter(map(operator.is_not, values, itertools.repeat(None)), bool,
-                              len(values))
-            n = int(hit.sum())
-            if n:
-                found[at] = hit
-                out[at][hit] = self._records(itertools.compress(values, hit), n)
-        return found, out
+    def _words_of(self, values: list, what: str) -> np.ndarray:
+        raw = b"" if None in values else b"".join(values)
+        if len(raw) != len(values) * 4 * self._words:
+            raise TableError(f"RocksDB column family {self.family!r} at {self._db.path!r} {what}: "
+                             f"the cold tier is damaged; restart the server from the last "
+                             f"checkpoint")
+        return np.frombuffer(raw, np.float32).reshape(len(values), self._words)
 
-    def _write(self, fn, *columns) -> None:
-        batch = rocksdict.WriteBatch(raw_mode=True)
-        batch.set_default_column_family(self._handle)
-        collections.deque(map(getattr(batch, fn), *columns), maxlen=0)
+    def _read(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        words = np.empty((len(segments), self._words), np.float32)
+        for at in _chunks(len(segments)):
+            words[at] = self._words_of(list(map(self._cf.get, _ids(segments[at]))),
+                                       "lacks segments its index places rows in")
+        return self._split(words)
+
+    def _write(self, ids: np.ndarray, words: np.ndarray | None, deletes: np.ndarray) -> None:
+        """Put segment `words` [len(ids), _words] under `ids` and delete the `deletes` ids, in
+        write batches of _CHUNK."""
         try:
-            self._db.db.write(batch)
+            if words is not None:
+                values = words.view(self._value).ravel()
+                for at in _chunks(len(ids)):
+                    self._batch("put", _ids(ids[at]), values[at].tolist())
+            for at in _chunks(len(deletes)):
+                self._batch("delete", _ids(deletes[at]))
         except Exception as e:  # disk full, I/O error: RocksDB refuses further writes
             raise TableError(f"writing to the RocksDB cold tier (column family {self.family!r} "
                              f"at {self._db.path!r}) failed: {e}; the table's cold rows may be "
                              f"incomplete: free the disk or fix the error, then restart the "
                              f"server from the last checkpoint") from e
 
-    def put(self, keys, records, *, fresh):
-        block = np.ascontiguousarray(records, np.float32).view(self._void).ravel()
-        for at in _chunks(len(keys)):
-            self._write("put", _key_bytes(keys[at]), block[at].tolist())
-        if fresh:
-            self._n += len(keys)
+    def _batch(self, fn: str, *columns) -> None:
+        batch = rocksdict.WriteBatch(raw_mode=True)
+        batch.set_default_column_family(self._handle)
+        collections.deque(map(getattr(batch, fn), *columns), maxlen=0)
+        self._db.db.write(batch)
+
+    def _kill(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(segments, live slots each keeps) once the slots at `positions` die; nothing applied."""
+        segs, n = np.unique(positions // SEGMENT_ROWS, return_counts=True)
+        return segs.astype(np.int64), self._live[segs].astype(np.int64) - n
+
+    def _apply_kill(self, segs: np.ndarray, left: np.ndarray) -> None:
+        before = self._live[segs].astype(np.int64)
+        keep = left > 0
+        self._dead += int((before[keep] - left[keep]).sum()) - \
+            int((SEGMENT_ROWS - before[~keep]).sum())
+        self._live[segs] = left
+
+    def _allocate(self, n: int, emptied: np.ndarray) -> tuple[np.ndarray, int]:
+        """(`n` segment ids: `emptied` ones first, then free ones, then new ones; free ids taken)."""
+        if n <= len(emptied):
+            return emptied[:n], 0
+        taken = min(n - len(emptied), len(self._free))
+        start = len(self._live)
+        fresh = n - len(emptied) - taken
+        if start + fresh > _MAX_SEGMENTS:
+            raise TableError(f"the cold tier of {self.family!r} would pass {_MAX_SEGMENTS:,} "
+                             f"segments of {SEGMENT_ROWS} rows; give the table more shards")
+        return np.concatenate([emptied, self._free[len(self._free) - taken:],
+                               np.arange(start, start + fresh, dtype=np.int64)]), taken
+
+    # -- the tier ----------------------------------------------------------------------
+    def contains(self, keys):
+        return self._index.lookup(keys) >= 0
+
+    def get(self, keys):
+        rows = self._index.lookup(keys)
+        found = rows >= 0
+        return found, self._records_at(keys, found, rows)
+
+    def _records_at(self, keys: np.ndarray, found: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Records [n, width] of `keys` (zeros where not `found`) read from their segments."""
+        out = np.zeros((len(keys), self.width), np.float32)
+        at = np.flatnonzero(found)
+        if len(at):
+            pos = self._where[rows[at]].astype(np.int64)
+            segs, inv = np.unique(pos // SEGMENT_ROWS, return_inverse=True)
+            slot = pos % SEGMENT_ROWS
+            records, stored = self._read(segs)
+            if not np.array_equal(stored[inv, slot], keys[at]):
+                raise TableError(f"RocksDB column family {self.family!r} at {self._db.path!r} "
+                                 f"holds other keys where its index places rows: the cold tier "
+                                 f"is damaged; restart the server from the last checkpoint")
+            out[at] = records[inv, slot]
+        return out
+
+    def take(self, keys):
+        rows = self._index.erase(keys)  # one pass over the index; undone if the read fails
+        found = rows >= 0
+        try:
+            out = self._records_at(keys, found, rows)
+            self._forget(self._where[rows[found]])
+        except BaseException:
+            self._index.insert_with_rows(keys[found], rows[found])
+            raise
+        return found, out
 
     def delete(self, keys):
-        for at in _chunks(len(keys)):
-            self._write("delete", _key_bytes(keys[at]))
-        self._n -= len(keys)
+        rows = self._index.erase(keys)
+        found = rows >= 0
+        try:
+            self._forget(self._where[rows[found]])
+        except BaseException:
+            self._index.insert_with_rows(keys[found], rows[found])
+            raise
+
+    def _forget(self, positions: np.ndarray) -> None:
+        """The slots at `positions` die (their keys already left the index); segments left with
+        no live slot are deleted and their ids freed."""
+        if len(positions) == 0:
+            return
+        segs, left = self._kill(positions)
+        emptied = segs[left == 0]
+        self._write(emptied, None, emptied)
+        self._apply_kill(segs, left)
+        self._free = np.concatenate([self._free, emptied])
+        self._compact()
+
+    def put(self, keys, records):
+        n = len(keys)
+        if n == 0:
+            return
+        rows, is_new = self._index.get_or_insert(keys)  # undone below if the write fails
+        try:
+            if self._index.row_bound > len(self._where):
+                self._where = np.concatenate([self._where, np.zeros(
+                    max(self._index.row_bound, 2 * len(self._where)) - len(self._where), np.uint32)])
+            segs, left = self._kill(self._where[rows[~is_new]])
+            emptied = segs[left == 0]
+            m = -(-n // SEGMENT_ROWS)
+            ids, taken = self._allocate(m, emptied)
+            pad = m * SEGMENT_ROWS - n  # padding slots: zero records under key 0, never live
+            words = np.concatenate([
+                np.pad(np.asarray(records, np.float32), ((0, pad), (0, 0))).reshape(m, -1),
+                np.pad(np.asarray(keys, np.uint64), (0, pad)).view(np.float32).reshape(m, -1)],
+                axis=1)
+            self._write(ids, words, emptied[m:])
+        except BaseException:
+            self._index.erase(keys[is_new])
+            raise
+        # written: the segment table and the positions
+        self._apply_kill(segs, left)
+        if taken:
+            self._free = self._free[:len(self._free) - taken]
+        if len(emptied) > m:
+            self._free = np.concatenate([self._free, emptied[m:]])
+        top = int(ids.max()) + 1
+        if top > len(self._live):
+            self._live = np.concatenate([self._live, np.zeros(
+                max(top, 2 * len(self._live)) - len(self._live), np.uint8)])
+            self._free = np.concatenate([self._free, np.arange(top, len(self._live))])
+        counts = np.full(m, SEGMENT_ROWS, np.uint8)
+        counts[-1] = n - (m - 1) * SEGMENT_ROWS
+        self._live[ids] = counts
+        self._dead += SEGMENT_ROWS - int(counts[-1])
+        self._where[rows] = np.repeat(ids * SEGMENT_ROWS, SEGMENT_ROWS)[:n] + \
+            np.tile(np.arange(SEGMENT_ROWS), m)[:n]
+        self._compact()
+
+    def _compact(self) -> None:
+        """Rewrite the sparsest segments when dead slots outnumber the live rows (and the floor):
+        down to half as many dead slots as live rows."""
+        if self._iterating or self._dead <= max(len(self), _GC_FLOOR):
+            return
+        partly = np.flatnonzero((self._live > 0) & (self._live < SEGMENT_ROWS))
+        partly = partly[np.argsort(self._live[partly], kind="stable")]
+        gain = np.cumsum(SEGMENT_ROWS - self._live[partly].astype(np.int64))
+        picked = partly[:int(np.searchsorted(gain, self._dead - len(self) // 2)) + 1]
+        records, stored = self._read(picked)
+        pos = (picked[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()
+        keys = stored.ravel()
+        rows = self._index.lookup(keys)
+        live = rows >= 0
+        live[live] = self._where[rows[live]] == pos[live]
+        self.put(keys[live], records.reshape(-1, self.width)[live])
 
     def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        per = max(1, size // SEGMENT_ROWS)
+        self._iterating += 1
         items = self._cf.items(read_opt=_total_order())  # reads from an implicit snapshot
         try:
-            while chunk := list(itertools.islice(items, size)):
-                keys, values = zip(*chunk)
-                yield (np.frombuffer(b"".join(keys), _BE).astype(np.uint64),
-                       self._records(values, len(keys)))
+            while chunk := list(itertools.islice(items, per)):
+                ids, values = zip(*chunk)
+                records, stored = self._split(self._words_of(list(values), "holds segments of "
+                                                             "another size than its table's rows"))
+                segs = np.frombuffer(b"".join(ids), _BE).astype(np.int64)
+                pos = (segs[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()
+                keys = stored.ravel()
+                rows = self._index.lookup(keys)
+                live = rows >= 0
+                live[live] = self._where[rows[live]] == pos[live]  # the index still places it here
+                if live.any():
+                    yield keys[live], records.reshape(-1, self.width)[live]
         finally:
             del items
+            self._iterating -= 1
 
     def __len__(self) -> int:
-        return self._n
+        return len(self._index)
+
+    def ram_bytes(self) -> int:
+        return 16 * self._index.capacity + self._where.nbytes + self._live.nbytes + self._free.nbytes
 
     def close(self) -> None:
         if self._db is not None:
@@ -245,6 +415,7 @@ class SsdTier(StorageTier):
             self._cf = self._handle = None
             self._db.release(self.family)
             self._db = None
+            self._index.clear()
 
 
 register_tier("ssd", SsdTier)

@@ -26,18 +26,17 @@ request's new keys of up to an eighth of the hot rows (in the arena and the
 map) rather than let the map double: with 24 bytes of index per row and no
 room, a 50M-key table under a 2600 MiB budget peaked at 4554 MiB RSS, its
 maps twice the size counted; counted this way, at 3741 MiB (bench/tiered.py). Not counted: a map's first
-1024 slots (16 KiB), the known-cold filter, and RocksDB's own memory (see
+1024 slots (16 KiB), the cold index, and RocksDB's own memory (see
 shoal.ps.tiers.ssd).
 
-Known-cold filter: before asking the tier about keys that missed the arena,
-a shard asks a Bloom filter of the keys it ever spilled (_filter.KeyFilter,
-about 2 bytes per cold row, outside the budget); most such keys are new and
-the tier is never asked about them. It is rebuilt from the surviving cold
-keys at every shrink.
+The cold index: a tier answers which keys it holds in RAM (the ssd tier's
+key index, see shoal.ps.tiers.ssd), so a key that missed the arena costs a
+disk read only if it is cold; most such keys are new. The index is outside
+the budget and reported as the tier's `ram_bytes`.
 
-Restart: a tiered table starts EMPTY in both tiers. A new table opens its
-storage tier with `empty=True`, which drops whatever rows an earlier server
-process left there (RocksDB: the column family is dropped and made anew, no
+Restart: a tiered table starts EMPTY in both tiers. A new table opens an
+empty storage tier, which drops whatever rows an earlier server process
+left there (RocksDB: the column family is dropped and made anew, no
 per-key pass). That server's hot rows died with it, so its cold rows alone
 are a state the table never was in; the last checkpoint brings every row
 back (load -> SparseTable.load_rows), and the RocksDB WAL is what lets the
@@ -50,7 +49,6 @@ import math
 import numpy as np
 
 from shoal.ps.tiers._base import StorageTier, make_tier
-from shoal.ps.tiers._filter import KeyFilter
 
 BATCH = 65536       # rows per batch when a tier-wide operation walks the cold rows
 _LOW_WATER = 0.8    # a spill goes down to this share of the budget (measured: see above)
@@ -128,16 +126,7 @@ class ColdRows:
                                        4 * shard.width + 8 + 1)
         self.low_rows = max(1, int(self.budget_rows * _LOW_WATER))
         self.tier: StorageTier = make_tier(spec.storage, width=self.width, table=spec.name,
-                                           shard=index, server=server, path=spec.ssd_path,
-                                           empty=True)
-        self.filter = KeyFilter(self.budget_rows)
-
-    def _maybe_cold(self, keys: np.ndarray) -> np.ndarray | None:
-        """Positions in `keys` the tier may hold (None: none of them)."""
-        if len(self.tier) == 0 or len(keys) == 0:
-            return None
-        at = np.flatnonzero(self.filter.may_contain(keys))
-        return at if len(at) else None
+                                           shard=index, server=server, path=spec.ssd_path)
 
     # -- the two tiers ---------------------------------------------------------------
     def _records(self, rows: np.ndarray) -> np.ndarray:
@@ -151,34 +140,26 @@ class ColdRows:
         """Move the cold ones of `keys` (unique, absent from the arena) into the arena; their rows,
         -1 for keys the tier does not hold."""
         rows = np.full(len(keys), -1, np.int64)
-        at = self._maybe_cold(keys)
-        if at is None:
+        if len(self.tier) == 0 or len(keys) == 0:
             return rows
-        found, rec = self.tier.get(keys[at])
-        if not found.any():
+        found, rec = self.tier.take(keys)
+        at = np.flatnonzero(found)
+        if len(at) == 0:
             return rows
         sh = self.shard
-        at, rec = at[found], rec[found]
-        k = keys[at]
+        rec, k = rec[at], keys[at]
         r, _ = sh.map.get_or_insert(k)
         sh._grow(sh.map.row_bound)
         sh.row_keys[r] = k
         sh.values[r] = rec[:, :sh.width]
         sh.has_embedx[r] = rec[:, sh.width] != 0
-        self.tier.delete(k)
         rows[at] = r
         return rows
 
     def read(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(found, embeddings [n, dim]) of the cold ones of `keys`, leaving them cold."""
-        found = np.zeros(len(keys), bool)
-        emb = np.zeros((len(keys), self.spec.dim), np.float32)
-        at = self._maybe_cold(keys)
-        if at is not None:
-            hit, rec = self.tier.get(keys[at])
-            found[at] = hit
-            emb[at] = rec[:, :self.spec.dim]
-        return found, emb
+        found, rec = self.tier.get(keys)
+        return found, rec[:, :self.spec.dim]
 
     def spill(self, touched: np.ndarray) -> int:
         """If the arena is over budget, move its coldest rows to the tier; returns rows moved.
@@ -201,17 +182,13 @@ class ColdRows:
         else:
             sort_key = _order_key(unseen, self.spec.score(v[rows, sh.show], v[rows, sh.click]))
         pick = _smallest(sort_key, recent, len(keys) - self.low_rows)
-        self.tier.put(keys[pick], self._records(rows[pick]), fresh=True)
-        self.filter.add(keys[pick])
+        self.tier.put(keys[pick], self._records(rows[pick]))
         sh.map.erase(keys[pick])
         return len(pick)
 
     def forget(self, keys: np.ndarray) -> None:
         """Drop the cold copies of `keys` (a load puts them in the arena)."""
-        at = self._maybe_cold(keys)
-        if at is not None:
-            found, _ = self.tier.get(keys[at])
-            self.tier.delete(keys[at[found]])
+        self.tier.delete(keys[self.tier.contains(keys)])
 
     # -- tier-wide operations ----------------------------------------------------------
     def shrink(self) -> int:
@@ -219,25 +196,20 @@ class ColdRows:
         sh, spec = self.shard, self.spec
         decay = np.float32(spec.show_click_decay_rate)
         deleted = 0
-        # the pass reads every cold key: the filter is rebuilt from the survivors on the way,
-        # so keys that left the tier since the last shrink stop costing lookups
-        fresh = KeyFilter(max(self.budget_rows, len(self.tier)))
         for keys, rec in self.tier.batches(BATCH):
             rec[:, sh.show] *= decay
             rec[:, sh.click] *= decay
             score = spec.score(rec[:, sh.show], rec[:, sh.click])
             dead = (score < spec.delete_threshold) | (rec[:, sh.unseen] > spec.delete_after_unseen_days)
-            self.tier.put(keys[~dead], rec[~dead], fresh=False)
+            self.tier.put(keys[~dead], rec[~dead])
             self.tier.delete(keys[dead])
-            fresh.add(keys[~dead])
             deleted += int(dead.sum())
-        self.filter = fresh
         return deleted
 
     def day_tick(self) -> None:
         for keys, rec in self.tier.batches(BATCH):
             rec[:, self.shard.unseen] += 1.0
-            self.tier.put(keys, rec, fresh=False)
+            self.tier.put(keys, rec)
 
     def export(self, mode: int) -> list[dict[str, np.ndarray]]:
         """The cold rows a save of `mode` writes, as `SparseShard.export` parts (mode 1 resets their
@@ -252,7 +224,7 @@ class ColdRows:
             parts.append(sh._named(keys, block, rec[:, sh.width] != 0))
             if mode == 1 and len(keys):
                 rec[:, sh.delta] = 0.0
-                self.tier.put(keys, rec, fresh=False)
+                self.tier.put(keys, rec)
         return parts
 
     def checksum(self) -> float:
@@ -260,7 +232,8 @@ class ColdRows:
                          for _, rec in self.tier.batches(BATCH)))
 
     def stats(self) -> dict:
-        return {"rows": len(self.tier), "bytes": self.tier.nbytes(), "budget_rows": self.budget_rows}
+        return {"rows": len(self.tier), "bytes": self.tier.nbytes(),
+                "ram_bytes": self.tier.ram_bytes(), "budget_rows": self.budget_rows}
 
     def close(self) -> None:
         self.tier.close()

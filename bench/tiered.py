@@ -58,7 +58,7 @@ BENCH = "tiered"
 DIM = 16
 ZIPF_S = 1.05
 UNIVERSE = 10_000_000
-BUDGET_50M_MB = 2600.0  # 50M keys: peak RSS 3741 MiB with this budget (measured: 167 s here)
+BUDGET_50M_MB = 1300.0  # 50M keys: peak RSS with this budget in bench/README; 2600 peaked at 4934 MiB
 
 
 def emit(case: str, value: float, unit: str, reference: str, ratio: float, **extra) -> None:

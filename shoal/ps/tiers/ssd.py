@@ -203,7 +203,7 @@ class SsdTier(StorageTier):
         """(records [m, SEGMENT_ROWS, width], keys [m, SEGMENT_ROWS]) of segment words [m, _words]."""
         cut = SEGMENT_ROWS * self.width
         return (words[:, :cut].reshape(-1, SEGMENT_ROWS, self.width),
-                np.ascontiguousarray(words[:, cut:]).view(np.uint64))
+                words[:, cut:].view(np.uint64))
 
     def _words_of(self, values: list, what: str) -> np.ndarray:
         raw = b"" if None in values else b"".join(values)
@@ -214,11 +214,10 @@ class SsdTier(StorageTier):
         return np.frombuffer(raw, np.float32).reshape(len(values), self._words)
 
     def _read(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        words = np.empty((len(segments), self._words), np.float32)
-        for at in _chunks(len(segments)):
-            words[at] = self._words_of(list(map(self._cf.get, _ids(segments[at]))),
-                                       "lacks segments its index places rows in")
-        return self._split(words)
+        parts = [self._words_of(list(map(self._cf.get, _ids(segments[at]))),
+                                "lacks segments its index places rows in")
+                 for at in _chunks(len(segments))]
+        return self._split(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def _write(self, ids: np.ndarray, words: np.ndarray | None, deletes: np.ndarray) -> None:
         """Put segment `words` [len(ids), _words] under `ids` and delete the `deletes` ids, in
@@ -301,6 +300,7 @@ class SsdTier(StorageTier):
         except BaseException:
             self._index.insert_with_rows(keys[found], rows[found])
             raise
+        self._compact()
         return found, out
 
     def delete(self, keys):
@@ -311,6 +311,7 @@ class SsdTier(StorageTier):
         except BaseException:
             self._index.insert_with_rows(keys[found], rows[found])
             raise
+        self._compact()
 
     def _forget(self, positions: np.ndarray) -> None:
         """The slots at `positions` die (their keys already left the index); segments left with
@@ -322,7 +323,6 @@ class SsdTier(StorageTier):
         self._write(emptied, None, emptied)
         self._apply_kill(segs, left)
         self._free = np.concatenate([self._free, emptied])
-        self._compact()
 
     def put(self, keys, records):
         n = len(keys)
@@ -361,8 +361,7 @@ class SsdTier(StorageTier):
         counts[-1] = n - (m - 1) * SEGMENT_ROWS
         self._live[ids] = counts
         self._dead += SEGMENT_ROWS - int(counts[-1])
-        self._where[rows] = np.repeat(ids * SEGMENT_ROWS, SEGMENT_ROWS)[:n] + \
-            np.tile(np.arange(SEGMENT_ROWS), m)[:n]
+        self._where[rows] = (ids[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()[:n]
         self._compact()
 
     def _compact(self) -> None:

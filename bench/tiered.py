@@ -9,9 +9,14 @@ pull_push_zipf_10pct_ram
     are not small ints), each a training pull then a push (dim 16, adagrad,
     4 shards), starting from empty tables. The tiered table (storage ssd,
     memory_budget_mb: the smallest under which 10% of the rows the stream
-    creates stay in RAM, by the tier's own accounting) against the all-RAM table, in interleaved rounds (a fresh pair
-    of tables each round, the order alternating); value: the tiered table's
-    median keys/s (pull keys + push keys), reference: the all-RAM table's.
+    creates stay in RAM, by the tier's own accounting) against the all-RAM
+    table, in interleaved rounds (fresh tables each round, the order
+    rotating); value: the tiered table's median keys/s (pull keys + push
+    keys), reference: the all-RAM table's. Two lines: eviction 'lfu' (the
+    cache policy: fewest shows first) and, as
+    pull_push_zipf_10pct_ram_unseen_days, the default (unseen days, then
+    Paddle's show/click score: a model-value policy, which on this stream,
+    clicks at random, keeps fewer of the often-seen keys).
     The table close (RocksDB flushing its memtables) is outside the timing;
     RocksDB's background flushes and compactions during the stream are in it.
 
@@ -20,8 +25,9 @@ rows_50m_dim16_budget_4gb
     a table of --keys (default 50M) distinct keys x dim 16 (adagrad, 4
     shards, storage ssd) under --budget-mb, trained in batches of a training
     pull then a push of new keys; then VmHWM from /proc/self/status. value:
-    peak RSS MB, reference budget_4096mb, ratio peak / 4096, with rows per
-    tier and seconds. The RocksDB directory is a temporary one, removed after.
+    peak RSS MB (the cold tier's key index in RAM included, and reported as
+    cold_index_mb), reference budget_4096mb, ratio peak / 4096, with rows
+    per tier and seconds. The RocksDB directory is a temporary one, removed after.
 
 pass_mode_ctr_dnn
     examples/ctr_dnn.py as real jobs of servers and workers on 127.0.0.1
@@ -128,30 +134,39 @@ def case_zipf(args) -> None:
         finally:
             table.close()
 
-    t_ram, t_tier, last, ram_stats = [], [], None, None
+    policies = ("lfu", "unseen_days")
+    times = {w: [] for w in ("ram",) + policies}
+    last, ram_stats = {}, None
     for r in range(rounds):
         path = tempfile.mkdtemp(prefix="shoal-bench-tiered-")
-        tiered = dataclasses.replace(base, storage="ssd", ssd_path=path, memory_budget_mb=budget_mb)
         try:
-            for which in (("ram", "tier") if r % 2 == 0 else ("tier", "ram")):
-                elapsed, stats = run(base if which == "ram" else tiered)
-                (t_ram if which == "ram" else t_tier).append(elapsed)
-                if which == "tier":
-                    last = stats
-                else:
+            order = list(times)
+            for which in order[r % 3:] + order[:r % 3]:
+                spec = base if which == "ram" else dataclasses.replace(
+                    base, storage="ssd", ssd_path=path, memory_budget_mb=budget_mb, eviction=which)
+                elapsed, stats = run(spec)
+                times[which].append(elapsed)
+                if which == "ram":
                     ram_stats = stats
+                else:
+                    last[which] = stats
         finally:
             shutil.rmtree(path, ignore_errors=True)
-        say(f"  round {r}: all-RAM {t_ram[-1]:.2f}s, tiered {t_tier[-1]:.2f}s "
-            f"({t_ram[-1] / t_tier[-1]:.3f}x)")
+        say(f"  round {r}: all-RAM {times['ram'][-1]:.2f}s, " + ", ".join(
+            f"tiered {p} {times[p][-1]:.2f}s ({times['ram'][-1] / times[p][-1]:.3f}x)"
+            for p in policies))
     n_keys = 2 * batch * n_batches
-    ram_kps, tier_kps = n_keys / statistics.median(t_ram), n_keys / statistics.median(t_tier)
-    tiers = last["tiers"]
-    emit("pull_push_zipf_10pct_ram", tier_kps, "keys/s", "all_ram", tier_kps / ram_kps,
-         reference_value=round(ram_kps, 1), rounds=rounds, batches=n_batches, batch=batch,
-         rows=last["rows"], arena_rows=tiers["arena"]["rows"],
-         cold_rows=tiers["cold.ssd"]["rows"], budget_mb=round(budget_mb, 2),
-         all_ram_mb=round((ram_stats["bytes"] + ram_stats["map_bytes"]) / 2 ** 20, 2))
+    ram_kps = n_keys / statistics.median(times["ram"])
+    for p in policies:
+        tier_kps = n_keys / statistics.median(times[p])
+        tiers = last[p]["tiers"]
+        emit("pull_push_zipf_10pct_ram" + ("" if p == "lfu" else f"_{p}"), tier_kps, "keys/s",
+             "all_ram", tier_kps / ram_kps, eviction=p, reference_value=round(ram_kps, 1),
+             rounds=rounds, batches=n_batches, batch=batch, rows=last[p]["rows"],
+             arena_rows=tiers["arena"]["rows"], cold_rows=tiers["cold.ssd"]["rows"],
+             cold_index_mb=round(tiers["cold.ssd"]["ram_bytes"] / 2 ** 20, 2),
+             budget_mb=round(budget_mb, 2),
+             all_ram_mb=round((ram_stats["bytes"] + ram_stats["map_bytes"]) / 2 ** 20, 2))
 
 
 # -- rows_50m_dim16_budget_4gb -----------------------------------------------------------------
@@ -215,8 +230,9 @@ def case_50m(args) -> None:
     tiers, peak = out["stats"]["tiers"], out["peak_mb"]
     emit(f"rows_{n_keys // 1_000_000}m_dim{DIM}_budget_4gb", peak, "MB", "budget_4096mb",
          peak / 4096, rows=out["stats"]["rows"], arena_rows=tiers["arena"]["rows"],
-         cold_rows=tiers["cold.ssd"]["rows"], memory_budget_mb=budget,
-         seconds=round(out["seconds"], 1))
+         cold_rows=tiers["cold.ssd"]["rows"],
+         cold_index_mb=round(tiers["cold.ssd"]["ram_bytes"] / 2 ** 20, 1),
+         memory_budget_mb=budget, seconds=round(out["seconds"], 1))
 
 
 def case_pass_mode(args) -> None:

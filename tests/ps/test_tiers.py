@@ -282,7 +282,7 @@ def _ssd_tier(width=5):
 
 def _segments(tier):
     """Segment ids stored in RocksDB (read straight from the column family)."""
-    return sorted(int.from_bytes(k, "big") for k in tier._cf.keys())
+    return sorted(int.from_bytes(k, "big") for k in tier._cf.keys(read_opt=ssd_tier._total_order()))
 
 
 def test_the_ssd_tier_equals_the_memory_tier_and_reclaims_dead_segments():
@@ -312,6 +312,7 @@ def test_the_ssd_tier_equals_the_memory_tier_and_reclaims_dead_segments():
             np.testing.assert_array_equal(found, want_found)
             np.testing.assert_array_equal(records, want)
             live_most = max(live_most, len(ssd))
+            ssd._compact()  # what the next put, take or delete does first
             # dead slots are reclaimed: never more than about twice the live records on disk
             on_disk = len(_segments(ssd)) * ssd_tier.SEGMENT_ROWS
             assert on_disk <= 2 * len(ssd) + ssd_tier._GC_FLOOR + 2 * ssd_tier.SEGMENT_ROWS, step
@@ -339,27 +340,68 @@ def test_an_iteration_sees_its_snapshot_while_the_caller_rewrites():
         np.testing.assert_array_equal(records[:, 0], 1.0)
 
 
-def test_a_failed_rocksdb_write_changes_nothing_in_the_tier(monkeypatch):
+class _FailingWrites:
+    """The tier's database with every write after the first `ok` refused (as a full disk does)."""
+
+    def __init__(self, db, ok=0):
+        self.db, self.ok = db, ok
+
+    def write(self, batch, *args):
+        if self.ok == 0:
+            raise OSError("No space left on device")
+        self.ok -= 1
+        return self.db.write(batch, *args)
+
+    def __getattr__(self, name):
+        return getattr(self.db, name)
+
+
+@pytest.mark.parametrize("n_new,ok", [(1000, 0), (9 * 8192 * ssd_tier.SEGMENT_ROWS // 8, 1)])
+def test_a_failed_rocksdb_write_changes_nothing_in_the_tier(monkeypatch, n_new, ok):
+    """Writes that fail: at once, or (a put of more than one batch) after its first batch landed;
+    the stored rows are rewritten by the put, so their segments must survive the failure."""
     rng = np.random.default_rng(7)
-    keys = np.unique(rng.integers(0, 2 ** 64, 1000, dtype=np.uint64))
+    keys = np.unique(rng.integers(0, 2 ** 64, n_new + 600, dtype=np.uint64))
     with _ssd_tier() as ssd:
         ssd.put(keys[:500], np.ones((500, ssd.width), np.float32))
+        ssd.delete(keys[:500:3])  # partly live segments: a rewrite of the rest empties them
         before = (len(ssd), _tier_contents(ssd), ssd.contains(keys))
-
-        def refuse(*_):
-            raise OSError("No space left on device")
-        monkeypatch.setattr(ssd, "_batch", refuse)
+        monkeypatch.setattr(ssd._db, "db", _FailingWrites(ssd._db.db, ok))
         with pytest.raises(TableError, match="No space left on device.*restart the server"):
             ssd.put(keys, np.zeros((len(keys), ssd.width), np.float32))
+        monkeypatch.setattr(ssd._db.db, "ok", 0)
+        rest = np.setdiff1d(keys[:500], keys[:500:3])  # empties every segment: deletes to write
         with pytest.raises(TableError, match="No space left on device"):
-            ssd.delete(keys[:500])
+            ssd.delete(rest)
         with pytest.raises(TableError, match="No space left on device"):
-            ssd.take(keys[:500])
+            ssd.take(rest)
         monkeypatch.undo()
         assert len(ssd) == before[0]
         np.testing.assert_array_equal(ssd.contains(keys), before[2])
         for got, want in zip(_tier_contents(ssd), before[1]):
             np.testing.assert_array_equal(got, want)
+        found, records = ssd.get(keys)
+        np.testing.assert_array_equal(found, before[2])
+        np.testing.assert_array_equal(records[found], 1.0)
+
+
+def test_a_failed_compaction_leaves_the_operation_that_needed_it_undone(monkeypatch):
+    keys = np.unique(np.random.default_rng(9).integers(0, 2 ** 64, 20_000, dtype=np.uint64))
+    with _ssd_tier() as ssd:
+        ssd.put(keys, np.ones((len(keys), ssd.width), np.float32))
+        kept = keys[::8]
+        ssd.delete(np.setdiff1d(keys, kept))  # 7 dead slots in 8: the next operation compacts
+        before = _tier_contents(ssd)
+        monkeypatch.setattr(ssd._db, "db", _FailingWrites(ssd._db.db))
+        with pytest.raises(TableError, match="No space left on device"):
+            ssd.take(kept[:10])
+        monkeypatch.undo()
+        assert ssd.contains(kept).all() and len(ssd) == len(kept)  # nothing taken, nothing lost
+        for got, want in zip(_tier_contents(ssd), before):
+            np.testing.assert_array_equal(got, want)
+        found, records = ssd.take(kept[:10])  # it compacts now, then takes
+        assert found.all() and np.all(records == 1.0) and len(ssd) == len(kept) - 10
+        assert len(_segments(ssd)) * ssd_tier.SEGMENT_ROWS < 2 * len(keys) // 8 + 64
 
 
 def test_a_damaged_cold_tier_is_reported_not_read_as_rows():

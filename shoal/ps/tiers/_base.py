@@ -62,8 +62,8 @@ class StorageTier(abc.ABC):
 
     @abc.abstractmethod
     def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Every (keys, records) in chunks of at most `size`, from a snapshot taken when iteration
-        starts: the caller may put and delete while it iterates."""
+        """Every (keys, records) in chunks of about `size`, from a snapshot taken when iteration
+        starts: the caller may put and delete the keys already yielded while it iterates."""
 
     @abc.abstractmethod
     def __len__(self) -> int:

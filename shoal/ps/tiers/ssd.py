@@ -13,25 +13,31 @@ RocksDB operation costs about the same for one 100-byte record as for a
 segment of eight (0.6-1.5 us through rocksdict, most of it per operation),
 and a spill writes thousands of records at once. One record per RocksDB key
 took ~9.3k writes and deletes per batch, 0.32x the all-RAM speed; eight per
-value take ~0.9k writes, and a promotion no write at all: it only updates
-the index, leaving a dead slot behind. What it costs: RAM per cold key, the
-map's 16-byte slots at 35-70% load plus a 4-byte position (reported by
-`ram_bytes`, outside the table's memory_budget_mb like RocksDB's own
-memory); a read fetches a whole segment (eight records) for one.
+value take ~0.9k writes, and a promotion writes nothing unless it empties a
+segment (then one delete): it updates the index, leaving a dead slot
+(0.46x with eviction 'lfu'). What it costs: RAM per cold key, the map's
+16-byte slots at 35-70% load plus a 4-byte position, ~33 bytes per cold key
+measured (reported by `ram_bytes`, outside the table's memory_budget_mb like
+RocksDB's own memory); a read fetches a whole segment (eight records) for
+one. Also measured (skip-list memtable for the segments, 4 or 16 rows per
+segment, WAL off): no gain, or a loss.
 
 Dead slots: a slot dies when its key is promoted, deleted or written again
 (a rewrite goes to a new segment). A segment with no live slot is deleted
 (its id is reused, so often it is simply overwritten). When the dead slots
-of the partly live segments outnumber the live rows (plus a floor), the
-sparsest segments are rewritten: their live rows go into new segments, so
-the disk holds at most about twice the live records.
+of the partly live segments outnumber the live rows (or _GC_FLOOR, whichever
+is more), the sparsest segments are rewritten: their live rows go into new
+segments, so the disk holds at most about twice the live records.
 
 Whole-tier passes (shrink, day_tick, export) iterate the family from an
 implicit snapshot and keep a slot only if the index still places its key
-there, so the caller may write while it iterates.
+there, so the caller may put or delete the keys already yielded while it
+iterates (a key rewritten before it was yielded would be missed: it moved
+out of the snapshot). A batch holds up to max(size, SEGMENT_ROWS) rows.
 
 Durability: the WAL is on, so a write batch that returned survives a kill
-of the server and the database opens cleanly again. The index is not
+of the server and the database opens cleanly again; one call's writes are
+one WriteBatch (atomic) up to _CHUNK segments. The index is not
 persisted: a tier always starts EMPTY (its column family is dropped and
 made anew, no per-key pass), which is what a restarted server needs anyway:
 its hot rows died with it, so its cold rows alone are a state the table
@@ -190,6 +196,7 @@ class SsdTier(StorageTier):
         self._free = np.zeros(0, np.int64)         # ids below len(_live) with no value in RocksDB
         self._dead = 0                             # dead slots of the segments with a live one
         self._iterating = 0                        # open batches(): no compaction meanwhile
+        self._compacting = False
 
     @classmethod
     def open(cls, *, width, table, shard, server, path) -> SsdTier:
@@ -220,26 +227,32 @@ class SsdTier(StorageTier):
         return self._split(parts[0] if len(parts) == 1 else np.concatenate(parts))
 
     def _write(self, ids: np.ndarray, words: np.ndarray | None, deletes: np.ndarray) -> None:
-        """Put segment `words` [len(ids), _words] under `ids` and delete the `deletes` ids, in
-        write batches of _CHUNK."""
+        """Put segment `words` [len(ids), _words] under `ids` and delete the `deletes` ids.
+
+        Up to _CHUNK segments this is ONE WriteBatch, which RocksDB applies atomically (a failure
+        writes nothing); a larger put goes in batches of _CHUNK, the deletes in the last one, so
+        such a put must not overwrite a segment the index still needs (see put)."""
         try:
+            batch = self._new_batch()
             if words is not None:
                 values = words.view(self._value).ravel()
                 for at in _chunks(len(ids)):
-                    self._batch("put", _ids(ids[at]), values[at].tolist())
-            for at in _chunks(len(deletes)):
-                self._batch("delete", _ids(deletes[at]))
+                    if at.start:
+                        self._db.db.write(batch)
+                        batch = self._new_batch()
+                    collections.deque(map(batch.put, _ids(ids[at]), values[at].tolist()), maxlen=0)
+            collections.deque(map(batch.delete, _ids(deletes)), maxlen=0)
+            self._db.db.write(batch)
         except Exception as e:  # disk full, I/O error: RocksDB refuses further writes
             raise TableError(f"writing to the RocksDB cold tier (column family {self.family!r} "
                              f"at {self._db.path!r}) failed: {e}; the table's cold rows may be "
                              f"incomplete: free the disk or fix the error, then restart the "
                              f"server from the last checkpoint") from e
 
-    def _batch(self, fn: str, *columns) -> None:
+    def _new_batch(self) -> rocksdict.WriteBatch:
         batch = rocksdict.WriteBatch(raw_mode=True)
         batch.set_default_column_family(self._handle)
-        collections.deque(map(getattr(batch, fn), *columns), maxlen=0)
-        self._db.db.write(batch)
+        return batch
 
     def _kill(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(segments, live slots each keeps) once the slots at `positions` die; nothing applied."""
@@ -292,6 +305,7 @@ class SsdTier(StorageTier):
         return out
 
     def take(self, keys):
+        self._compact()
         rows = self._index.erase(keys)  # one pass over the index; undone if the read fails
         found = rows >= 0
         try:
@@ -300,10 +314,10 @@ class SsdTier(StorageTier):
         except BaseException:
             self._index.insert_with_rows(keys[found], rows[found])
             raise
-        self._compact()
         return found, out
 
     def delete(self, keys):
+        self._compact()
         rows = self._index.erase(keys)
         found = rows >= 0
         try:
@@ -311,7 +325,6 @@ class SsdTier(StorageTier):
         except BaseException:
             self._index.insert_with_rows(keys[found], rows[found])
             raise
-        self._compact()
 
     def _forget(self, positions: np.ndarray) -> None:
         """The slots at `positions` die (their keys already left the index); segments left with
@@ -325,6 +338,7 @@ class SsdTier(StorageTier):
         self._free = np.concatenate([self._free, emptied])
 
     def put(self, keys, records):
+        self._compact()
         n = len(keys)
         if n == 0:
             return
@@ -336,13 +350,17 @@ class SsdTier(StorageTier):
             segs, left = self._kill(self._where[rows[~is_new]])
             emptied = segs[left == 0]
             m = -(-n // SEGMENT_ROWS)
-            ids, taken = self._allocate(m, emptied)
+            # emptied ids are overwritten only by a put of one (atomic) batch: a put in several
+            # could fail after overwriting segments the restored index still points into
+            reuse = emptied if m <= _CHUNK else emptied[:0]
+            ids, taken = self._allocate(m, reuse)
+            deletes = emptied[min(m, len(reuse)):]
             pad = m * SEGMENT_ROWS - n  # padding slots: zero records under key 0, never live
             words = np.concatenate([
                 np.pad(np.asarray(records, np.float32), ((0, pad), (0, 0))).reshape(m, -1),
                 np.pad(np.asarray(keys, np.uint64), (0, pad)).view(np.float32).reshape(m, -1)],
                 axis=1)
-            self._write(ids, words, emptied[m:])
+            self._write(ids, words, deletes)
         except BaseException:
             self._index.erase(keys[is_new])
             raise
@@ -350,24 +368,24 @@ class SsdTier(StorageTier):
         self._apply_kill(segs, left)
         if taken:
             self._free = self._free[:len(self._free) - taken]
-        if len(emptied) > m:
-            self._free = np.concatenate([self._free, emptied[m:]])
+        self._free = np.concatenate([self._free, deletes])
         top = int(ids.max()) + 1
-        if top > len(self._live):
-            self._live = np.concatenate([self._live, np.zeros(
-                max(top, 2 * len(self._live)) - len(self._live), np.uint8)])
-            self._free = np.concatenate([self._free, np.arange(top, len(self._live))])
+        if top > len(self._live):  # room to grow into, on the free list (never past the cap)
+            size = min(max(top, 2 * len(self._live)), _MAX_SEGMENTS)
+            self._live = np.concatenate([self._live, np.zeros(size - len(self._live), np.uint8)])
+            self._free = np.concatenate([self._free, np.arange(top, size)])
         counts = np.full(m, SEGMENT_ROWS, np.uint8)
         counts[-1] = n - (m - 1) * SEGMENT_ROWS
         self._live[ids] = counts
         self._dead += SEGMENT_ROWS - int(counts[-1])
         self._where[rows] = (ids[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()[:n]
-        self._compact()
 
     def _compact(self) -> None:
-        """Rewrite the sparsest segments when dead slots outnumber the live rows (and the floor):
-        down to half as many dead slots as live rows."""
-        if self._iterating or self._dead <= max(len(self), _GC_FLOOR):
+        """Rewrite the sparsest segments when dead slots outnumber the live rows (and the floor),
+        down to half as many dead slots as live rows. Runs at the START of a put, take or delete,
+        so a failure here (a failed write, rolled back by the rewrite's own put) leaves that
+        operation undone rather than half done; never during an iteration."""
+        if self._iterating or self._compacting or self._dead <= max(len(self), _GC_FLOOR):
             return
         partly = np.flatnonzero((self._live > 0) & (self._live < SEGMENT_ROWS))
         partly = partly[np.argsort(self._live[partly], kind="stable")]
@@ -379,7 +397,11 @@ class SsdTier(StorageTier):
         rows = self._index.lookup(keys)
         live = rows >= 0
         live[live] = self._where[rows[live]] == pos[live]
-        self.put(keys[live], records.reshape(-1, self.width)[live])
+        self._compacting = True
+        try:
+            self.put(keys[live], records.reshape(-1, self.width)[live])
+        finally:
+            self._compacting = False
 
     def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         per = max(1, size // SEGMENT_ROWS)

@@ -26,9 +26,11 @@ arena before the spill that follows it, so the budget keeps room for one
 request's new keys of up to an eighth of the hot rows (in the arena and the
 map) rather than let the map double: with 24 bytes of index per row and no
 room, a 50M-key table under a 2600 MiB budget peaked at 4554 MiB RSS, its
-maps twice the size counted; counted this way, at 3741 MiB (bench/tiered.py). Not counted: a map's first
-1024 slots (16 KiB), the cold index, and RocksDB's own memory (see
-shoal.ps.tiers.ssd).
+maps twice the size counted; counted this way, at 3741 MiB (bench/tiered.py,
+before the ssd tier kept its key index in RAM). Not counted: a map's first
+1024 slots (16 KiB), the cold index (~33 bytes per cold key: a 50M-key table
+now needs memory_budget_mb=1300 to peak under 4 GiB), and RocksDB's own
+memory (see shoal.ps.tiers.ssd).
 
 The cold index: a tier answers which keys it holds in RAM (the ssd tier's
 key index, see shoal.ps.tiers.ssd), so a key that missed the arena costs a

@@ -42,8 +42,9 @@ _FLAGS = [
     ("servers", str, None, "PS mode: server endpoints 'ip:port,...' (fixes their ports)"),
     ("workers", str, None, "PS mode: worker ips 'ip,...' (one worker each)"),
     ("nproc_per_node", int, None, "collective mode: processes per node"),
-    ("devices", str, None, "collective mode: device ids, e.g. '0,1'"),
-    ("gpus", str, None, "collective mode: the same as --devices"),
+    ("devices", str, None, "GPU ids, e.g. '0,1': collective mode, one per rank; PS mode (local "
+                           "backend), the workers of this node take them in turn"),
+    ("gpus", str, None, "the same as --devices"),
     ("ips", str, None, "collective mode: node ips 'ip,...'"),
     ("master", str, None, "collective mode: rendezvous endpoint ip:port (on the first of --ips)"),
     ("node_ip", str, None, "this node's address among --servers/--workers/--ips (default: the one "
@@ -65,6 +66,7 @@ _FLAGS = [
 _PS_FLAGS = ("server_num", "worker_num", "servers", "workers")
 _TAIL_CHUNK = 1 << 20
 _COLLECTIVE_FLAGS = ("nproc_per_node", "devices", "gpus", "ips", "master")
+_BOTH_FLAGS = ("devices", "gpus")  # collective flags that PS mode takes too
 
 
 class UsageError(Exception):
@@ -115,7 +117,8 @@ def parse(argv: list[str], environ=os.environ, *, submitting: bool = False) -> a
 
 def _check(args, environ=os.environ) -> argparse.Namespace:
     ps = [f for f in _PS_FLAGS if getattr(args, f) is not None]
-    coll = [f for f in _COLLECTIVE_FLAGS if getattr(args, f) is not None]
+    coll = [f for f in _COLLECTIVE_FLAGS if getattr(args, f) is not None
+            and not (ps and f in _BOTH_FLAGS)]
     if ps and coll:
         raise UsageError(f"--{ps[0]} (parameter-server mode) and --{coll[0]} (collective mode) "
                          f"cannot be used together; give the flags of one mode")
@@ -126,6 +129,7 @@ def _check(args, environ=os.environ) -> argparse.Namespace:
     _BACKENDS[args.backend].check(args, environ)
     if args.max_restarts < 0:
         raise UsageError(f"--max_restarts {args.max_restarts} must be >= 0")
+    args.device_list = _device_list(args)
     if args.collective:
         return _check_collective(args)
     args.server_hosts = args.worker_hosts = None
@@ -198,6 +202,10 @@ def _check_ray(args, environ) -> None:
         raise UsageError("--backend ray runs parameter-server jobs only: collective mode on Ray is "
                          "not available in this build yet; start a PS job with --server_num N "
                          "--worker_num M")
+    for flag in _BOTH_FLAGS:
+        if getattr(args, flag) is not None:
+            raise UsageError(f"--{flag} is for the local backend: on Ray, Ray gives each worker "
+                             f"actor its GPUs; give --worker_gpus N")
     for flag in ("servers", "workers", "start_port"):
         if getattr(args, flag) is not None:
             raise UsageError(f"--{flag} is for the local backend: on Ray each server binds a free "
@@ -219,16 +227,23 @@ def _check_ray(args, environ) -> None:
             raise UsageError(f"--{flag} {getattr(args, flag):g} must be >= 0")
 
 
-def _check_collective(args) -> argparse.Namespace:
-    """Collective mode: --nproc_per_node / --devices, one node (--ips of this machine only)."""
+def _device_list(args) -> list[str] | None:
+    """--devices (or --gpus) as a list of GPU ids; None when neither is given."""
     if args.devices is not None and args.gpus is not None and args.devices != args.gpus:
         raise UsageError(f"--devices {args.devices} and --gpus {args.gpus} disagree; give one")
     devices = args.devices if args.devices is not None else args.gpus
-    args.device_list = None
-    if devices is not None:
-        args.device_list = [d.strip() for d in devices.split(",") if d.strip()]
-        if not args.device_list or not all(d.isdigit() for d in args.device_list):
-            raise UsageError(f"--devices {devices!r}: give device ids such as 0,1")
+    if devices is None:
+        return None
+    listed = [d.strip() for d in devices.split(",") if d.strip()]
+    if not listed or not all(d.isdigit() for d in listed):
+        raise UsageError(f"--devices {devices!r}: give device ids such as 0,1")
+    return listed
+
+
+def _check_collective(args) -> argparse.Namespace:
+    """Collective mode: --nproc_per_node / --devices, one node (--ips of this machine only)."""
+    devices = args.devices if args.devices is not None else args.gpus
+    if args.device_list is not None:
         if args.nproc_per_node is not None and args.nproc_per_node != len(args.device_list):
             raise UsageError(f"--nproc_per_node {args.nproc_per_node} disagrees with the "
                              f"{len(args.device_list)} devices of --devices {devices}")
@@ -390,7 +405,7 @@ def _job(args):
     elif args.start_port is not None:
         ports = [args.start_port + i for i in range(args.server_num)]
     job = LocalJob(args.script, args.script_args, n_servers=args.server_num,
-                   n_workers=args.worker_num, ports=ports, host=args.node,
+                   n_workers=args.worker_num, ports=ports, host=args.node, devices=args.device_list,
                    server_hosts=args.server_hosts, worker_hosts=args.worker_hosts,
                    on_restart=lambda child, n: print(
                        f"fleetrun: {child.describe()} failed ({child.exit_text()}); restarting it "

@@ -170,6 +170,9 @@ class LocalJob:
             worker (in index order); this supervisor starts those whose host is `host` (this
             node) and gives every process the whole job's endpoints. Servers on other nodes
             need their real ports in `ports`; all nodes must share `token`.
+        devices: GPU ids; this node's workers take them in turn (the i-th local worker sees
+            only devices[i % len(devices)] through CUDA_VISIBLE_DEVICES, so a pass-mode
+            worker's pass table lands on its own GPU). None: the workers inherit the variable.
 
     Use as a context manager (`with LocalJob(...) as job: job.wait()`) so the
     processes are stopped whatever happens. Not thread-safe.
@@ -180,8 +183,11 @@ class LocalJob:
                  host: str = "127.0.0.1", env: dict | None = None, start_timeout: float = 60.0,
                  grace: float = 5.0, python: str = sys.executable, ports: list[int] | None = None,
                  max_restarts: int = 0, on_restart=None, server_hosts: list[str] | None = None,
-                 worker_hosts: list[str] | None = None):
+                 worker_hosts: list[str] | None = None, devices: list[str] | None = None):
         self._check_sizes(n_servers, n_workers)
+        if devices is not None and not devices:
+            raise LaunchError("devices=[]: give at least one GPU id, or None")
+        self.devices = list(devices) if devices is not None else None
         self.script, self.script_args = str(script), [str(a) for a in script_args]
         self.n_servers, self.n_workers = n_servers, n_workers
         self.log_dir = Path(log_dir)
@@ -318,6 +324,9 @@ class LocalJob:
                              pservers=tuple(self.endpoints), trainer_endpoints=trainers,
                              current_endpoint=trainers[rank], restart=restart,
                              **self._common).to_environ()
+        if self.devices is not None:  # this node's workers take the GPUs in turn
+            local = self._here(self.worker_hosts).index(rank)
+            contract["CUDA_VISIBLE_DEVICES"] = self.devices[local % len(self.devices)]
         self._keep_failed_log(rank, restart)
         return self._spawn("worker", rank, contract)
 

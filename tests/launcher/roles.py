@@ -28,7 +28,8 @@ fleet.init()
 role = "server" if fleet.is_server() else "worker"
 rank = fleet.server_index() if fleet.is_server() else fleet.worker_index()
 me = f"{role}{rank}"
-keep = ("TRAINING_ROLE", "PADDLE_", "SHOAL_", "POD_IP", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+keep = ("TRAINING_ROLE", "PADDLE_", "SHOAL_", "POD_IP", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
+        "CUDA_VISIBLE_DEVICES")
 with open(os.path.join(out, f"{me}.json"), "w") as f:
     json.dump(dict({k: v for k, v in os.environ.items() if k.startswith(keep)}, pid=os.getpid()), f)
 print(f"{role} {rank} up")  # no flush: fleetrun makes children's output unbuffered

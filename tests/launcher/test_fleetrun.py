@@ -89,6 +89,15 @@ def test_every_role_gets_the_contract_and_the_job_exits_0(tmp_path):
     assert not _orphans(token)
 
 
+def test_devices_in_ps_mode_give_each_worker_of_the_node_its_gpu_in_turn(tmp_path):
+    rc, _, stderr, out, token = _run(tmp_path, n_servers=1, n_workers=3, extra=["--gpus", "3,5"])
+    assert rc == 0, stderr
+    envs = {p.stem: json.loads(p.read_text()) for p in out.glob("*.json")}
+    assert [envs[f"worker{w}"]["CUDA_VISIBLE_DEVICES"] for w in range(3)] == ["3", "5", "3"]
+    assert envs["server0"].get("CUDA_VISIBLE_DEVICES") == os.environ.get("CUDA_VISIBLE_DEVICES")
+    assert not _orphans(token)
+
+
 @pytest.mark.parametrize("action,who,shows", [
     ("raise", "worker1", "worker 1 (pid"), ("sigkill", "worker0", "killed by signal SIGKILL"),
     ("spawn", "worker1", "worker 1 (pid")])
@@ -215,6 +224,12 @@ def _busy_port():
     (["--servers", "127.0.0.1:abc", "--worker_num", "1", str(ROLES)], "--servers"),
     (["--servers", "10.0.0.1:7000", "--worker_num", "1", str(ROLES)], "belong to this machine"),
     (["--server_num", "1", "--worker_num", "1", "--log_dir", str(ROLES), str(ROLES)], "--log_dir"),
+    (["--server_num", "1", "--worker_num", "1", "--devices", "0,x", str(ROLES)],
+     "give device ids such as 0,1"),
+    (["--server_num", "1", "--worker_num", "1", "--devices", "0", "--gpus", "1", str(ROLES)],
+     "disagree"),
+    (["--backend", "ray", "--server_num", "1", "--worker_num", "1", "--devices", "0", str(ROLES)],
+     "give --worker_gpus N"),
 ])
 def test_bad_arguments_get_one_line_and_exit_2(args, says):
     p = _fleetrun(args)

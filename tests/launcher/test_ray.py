@@ -135,7 +135,12 @@ def _running(head, tmp_path, action, token):
                       "-"], token)
     try:
         deadline = time.monotonic() + 60
-        while len(list(out.glob("worker*.json"))) < 2:
+        # every role has written its environment, and the workers' grandchildren (written after
+        # it) their pids: on a loaded machine those come noticeably later
+        ready = [("server*.json", 1), ("worker*.json", 2)]
+        if action.startswith("spawn"):
+            ready.append(("grandchild*", 2))
+        while any(len(list(out.glob(pattern))) < n for pattern, n in ready):
             assert time.monotonic() < deadline and p.poll() is None, p.communicate()[1][-3000:]
             time.sleep(0.05)
         yield p, out

@@ -29,16 +29,14 @@ class MemoryTier(StorageTier):
         return self.map.lookup(keys) >= 0
 
     def get(self, keys):
-        rows = self.map.lookup(keys)
-        found = rows >= 0
-        out = np.zeros((len(keys), self.width), np.float32)
-        out[found] = self.records[rows[found]]
-        return found, out
+        return self._at(self.map.lookup(keys))
 
     def take(self, keys):
-        rows = self.map.erase(keys)
+        return self._at(self.map.erase(keys))  # the freed rows keep their records until reused
+
+    def _at(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         found = rows >= 0
-        out = np.zeros((len(keys), self.width), np.float32)
+        out = np.zeros((len(rows), self.width), np.float32)
         out[found] = self.records[rows[found]]
         return found, out
 

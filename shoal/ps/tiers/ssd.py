@@ -254,9 +254,11 @@ class SsdTier(StorageTier):
         batch.set_default_column_family(self._handle)
         return batch
 
-    def _kill(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(segments, live slots each keeps) once the slots at `positions` die; nothing applied."""
-        segs, n = np.unique(positions // SEGMENT_ROWS, return_counts=True)
+    def _kill(self, positions: np.ndarray, grouped=None) -> tuple[np.ndarray, np.ndarray]:
+        """(segments, live slots each keeps) once the slots at `positions` die; nothing applied.
+        `grouped`: (segments, slots dying in each) when the caller has them already."""
+        segs, n = grouped if grouped is not None else \
+            np.unique(positions // SEGMENT_ROWS, return_counts=True)
         return segs.astype(np.int64), self._live[segs].astype(np.int64) - n
 
     def _apply_kill(self, segs: np.ndarray, left: np.ndarray) -> None:
@@ -286,12 +288,15 @@ class SsdTier(StorageTier):
     def get(self, keys):
         rows = self._index.lookup(keys)
         found = rows >= 0
-        return found, self._records_at(keys, found, rows)
+        return found, self._records_at(keys, found, rows)[0]
 
-    def _records_at(self, keys: np.ndarray, found: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """Records [n, width] of `keys` (zeros where not `found`) read from their segments."""
+    def _records_at(self, keys: np.ndarray, found: np.ndarray,
+                    rows: np.ndarray) -> tuple[np.ndarray, tuple | None]:
+        """(records [n, width] of `keys`, zeros where not `found`, read from their segments;
+        (segments read, found keys in each), for _kill)."""
         out = np.zeros((len(keys), self.width), np.float32)
         at = np.flatnonzero(found)
+        grouped = None
         if len(at):
             pos = self._where[rows[at]].astype(np.int64)
             segs, inv = np.unique(pos // SEGMENT_ROWS, return_inverse=True)
@@ -302,15 +307,16 @@ class SsdTier(StorageTier):
                                  f"holds other keys where its index places rows: the cold tier "
                                  f"is damaged; restart the server from the last checkpoint")
             out[at] = records[inv, slot]
-        return out
+            grouped = segs, np.bincount(inv, minlength=len(segs))
+        return out, grouped
 
     def take(self, keys):
         self._compact()
         rows = self._index.erase(keys)  # one pass over the index; undone if the read fails
         found = rows >= 0
         try:
-            out = self._records_at(keys, found, rows)
-            self._forget(self._where[rows[found]])
+            out, grouped = self._records_at(keys, found, rows)
+            self._forget(self._where[rows[found]], grouped)
         except BaseException:
             self._index.insert_with_rows(keys[found], rows[found])
             raise
@@ -326,12 +332,12 @@ class SsdTier(StorageTier):
             self._index.insert_with_rows(keys[found], rows[found])
             raise
 
-    def _forget(self, positions: np.ndarray) -> None:
+    def _forget(self, positions: np.ndarray, grouped=None) -> None:
         """The slots at `positions` die (their keys already left the index); segments left with
         no live slot are deleted and their ids freed."""
         if len(positions) == 0:
             return
-        segs, left = self._kill(positions)
+        segs, left = self._kill(positions, grouped)
         emptied = segs[left == 0]
         self._write(emptied, None, emptied)
         self._apply_kill(segs, left)

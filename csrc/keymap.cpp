@@ -255,11 +255,25 @@ public:
     }
 
     // rows[i] = row freed for keys[i], or -1 when absent.
+    // Prefetches like lookup: a spill or a promotion erases thousands of keys scattered over a
+    // table larger than the caches, and without it each waited for its own miss (~3x slower).
     void erase(const uint64_t* keys, int64_t* rows, size_t n) {
         reserve_for(free_, free_.size() + n);
+        uint64_t ring[kPrefetch];
+        size_t ahead = std::min(n, kPrefetch);
+        for (size_t j = 0; j < ahead; ++j) {
+            ring[j] = mix(keys[j]);
+            prefetch(ring[j]);
+        }
         for (size_t i = 0; i < n; ++i) {
+            uint64_t h = ring[i % kPrefetch];
+            if (i + kPrefetch < n) {
+                uint64_t hn = mix(keys[i + kPrefetch]);
+                ring[i % kPrefetch] = hn;
+                prefetch(hn);
+            }
             uint64_t key = keys[i];
-            size_t s = mix(key) & mask_;
+            size_t s = h & mask_;
             for (;;) {
                 if (slots_[s].empty()) break;
                 if (slots_[s].key == key) break;

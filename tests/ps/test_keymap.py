@@ -97,6 +97,9 @@ def check_same(m: KeyMap, model: Model):
     assert dict(zip(keys.tolist(), rows.tolist())) == model.d
     assert len(np.unique(rows)) == len(rows), "two keys share a row"
     assert np.array_equal(m.keys(), keys)
+    in_use = m.in_use()
+    assert in_use.dtype == np.bool_ and len(in_use) == model.bound
+    assert np.flatnonzero(in_use).tolist() == sorted(model.d.values())
     assert m.capacity >= 16 and m.capacity & (m.capacity - 1) == 0
     assert len(m) <= 0.7 * m.capacity
 

@@ -455,10 +455,11 @@ def test_the_coldest_rows_are_found_without_a_sort():
         first = rng.integers(-3, 3, n).astype(np.float32)  # many ties
         second = rng.normal(0, 1, n).astype(np.float32)
         last = rng.random(n) < rng.random()
-        k = int(rng.integers(0, n + 1))
-        pick = _smallest(_order_key(first, second), last, k)
-        want = np.lexsort((second, first, last))[:k]
-        assert len(pick) == len(np.unique(pick)) == k
+        live = rng.random(n) < 0.9  # free rows of the arena: never picked
+        k = int(rng.integers(0, live.sum() + 1))
+        pick = _smallest(_order_key(first, second), live, last, k)
+        want = np.flatnonzero(live)[np.lexsort((second[live], first[live], last[live]))[:k]]
+        assert len(pick) == len(np.unique(pick)) == k and live[pick].all()
         got = sorted(zip(last[pick], first[pick], second[pick]))
         assert got == sorted(zip(last[want], first[want], second[want]))
 

@@ -84,13 +84,13 @@ def _order_key(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     return (_ordered_bits(first) << np.uint64(32)) | _ordered_bits(second)
 
 
-def _smallest(sort_key: np.ndarray, last: np.ndarray, n: int) -> np.ndarray:
-    """Positions of the `n` smallest of `sort_key`, taking rows flagged `last` only once the
-    others are all taken. O(len) (a partition, not a sort: a lexsort of the arena cost more than
-    the rest of a spill together)."""
-    first = np.flatnonzero(~last)
+def _smallest(sort_key: np.ndarray, live: np.ndarray, last: np.ndarray, n: int) -> np.ndarray:
+    """Positions of the `n` smallest of `sort_key` among the `live` ones, taking those flagged
+    `last` only once the others are all taken. O(len) (a partition, not a sort: a lexsort of the
+    arena cost more than the rest of a spill together)."""
+    first = np.flatnonzero(live & ~last)
     if n >= len(first):
-        rest = np.flatnonzero(last)
+        rest = np.flatnonzero(live & last)
         k = n - len(first)
         if 0 < k < len(rest):
             rest = rest[np.argpartition(sort_key[rest], k - 1)[:k]]
@@ -157,19 +157,18 @@ class ColdRows:
         # candidates in ROW order: tied rows (all new rows look alike) are then taken in an
         # order unrelated to the map's slots (a key's slot is its hash), so erasing them leaves
         # no run of a linear-probing map nearly full (inserts there would probe for ever: a 50M-key
-        # table stalled so when ties were taken in slot order)
-        live = np.zeros(sh.map.row_bound, bool)
-        live[sh.map.items()[1]] = True
-        rows = np.flatnonzero(live)
+        # table stalled so when ties were taken in slot order). The keys are computed over every
+        # row below row_bound (column views, no gathers; free rows are masked out): most are live.
+        live = sh.map.in_use()
         recent = np.zeros(len(live), bool)
         recent[touched[touched >= 0]] = True
-        v = sh.values
-        unseen = -v[rows, sh.unseen]  # more unseen days: colder
+        v = sh.values[:len(live)]
+        unseen = -v[:, sh.unseen]  # more unseen days: colder
         if self.spec.eviction == "lfu":
-            sort_key = _order_key(v[rows, sh.show], unseen)
+            sort_key = _order_key(v[:, sh.show], unseen)
         else:
-            sort_key = _order_key(unseen, self.spec.score(v[rows, sh.show], v[rows, sh.click]))
-        pick = rows[_smallest(sort_key, recent[rows], len(rows) - self.low_rows)]
+            sort_key = _order_key(unseen, self.spec.score(v[:, sh.show], v[:, sh.click]))
+        pick = _smallest(sort_key, live, recent, len(sh.map) - self.low_rows)
         keys = sh.row_keys[pick]
         self.tier.put(keys, self._records(pick))
         sh.map.erase(keys)

@@ -769,6 +769,77 @@ Returns:
 )doc");
 
     m.def(
+        "segment_slots",
+        [](const py::list& values, const py::object& which_obj, const py::object& slot_obj,
+           const py::object& keys_obj, const py::object& at_obj, const py::object& out_obj,
+           int64_t rows_per_segment) {
+            // out is written in place: a float32 C-contiguous array or an error, never a converted copy
+            if (!py::isinstance<py::array>(out_obj))
+                throw py::type_error("segment_slots: out must be a 2-D float32 numpy array");
+            py::array out = py::reinterpret_borrow<py::array>(out_obj);
+            if (!out.dtype().equal(py::dtype::of<float>()) || !(out.flags() & py::array::c_style) ||
+                !out.writeable())
+                throw py::type_error("segment_slots: out must be a writeable C-contiguous float32 array, got " +
+                                     dtype_name(out));
+            auto which = as_vector<int64_t>(which_obj, "which", "int64", "pass segment indices as np.int64");
+            auto slot = as_vector<int64_t>(slot_obj, "slot", "int64", "pass slots as np.int64");
+            auto keys = keys_arg(keys_obj);
+            auto at = as_vector<int64_t>(at_obj, "at", "int64", "pass output rows as np.int64");
+            const size_t n = static_cast<size_t>(which.shape(0));
+            if (static_cast<size_t>(slot.shape(0)) != n || static_cast<size_t>(keys.shape(0)) != n ||
+                static_cast<size_t>(at.shape(0)) != n)
+                throw py::value_error("segment_slots: which, slot, keys and at must have one entry each");
+            if (out.ndim() != 2 || rows_per_segment <= 0)
+                throw py::value_error("segment_slots: out must be 2-D [rows, width] and rows_per_segment > 0");
+            const size_t width = static_cast<size_t>(out.shape(1));
+            const size_t rps = static_cast<size_t>(rows_per_segment);
+            const size_t seg_bytes = rps * (width + 2) * sizeof(float);
+            // Python objects are read with the GIL held: the segment buffers first, then the copy.
+            std::vector<const char*> base(values.size());
+            for (size_t j = 0; j < base.size(); ++j) {
+                PyObject* v = values[j].ptr();
+                if (!PyBytes_Check(v) || static_cast<size_t>(PyBytes_GET_SIZE(v)) != seg_bytes) return 1;
+                base[j] = PyBytes_AS_STRING(v);
+            }
+            const int64_t* w = which.data();
+            const int64_t* sl = slot.data();
+            const uint64_t* k = keys.data();
+            const int64_t* a = at.data();
+            float* o = static_cast<float*>(out.mutable_data());
+            const size_t out_rows = static_cast<size_t>(out.shape(0));
+            for (size_t i = 0; i < n; ++i) {
+                if (w[i] < 0 || static_cast<size_t>(w[i]) >= base.size() || sl[i] < 0 ||
+                    static_cast<size_t>(sl[i]) >= rps || a[i] < 0 || static_cast<size_t>(a[i]) >= out_rows)
+                    throw py::value_error("segment_slots: an index is out of range at entry " + std::to_string(i));
+            }
+            {
+                py::gil_scoped_release nogil;
+                for (size_t i = 0; i < n; ++i) {
+                    const char* seg = base[static_cast<size_t>(w[i])];
+                    uint64_t stored;
+                    std::memcpy(&stored, seg + rps * width * sizeof(float) + static_cast<size_t>(sl[i]) * 8, 8);
+                    if (stored != k[i]) return 2;
+                }
+                for (size_t i = 0; i < n; ++i) {
+                    const char* seg = base[static_cast<size_t>(w[i])];
+                    std::memcpy(o + static_cast<size_t>(a[i]) * width,
+                                seg + static_cast<size_t>(sl[i]) * width * sizeof(float), width * sizeof(float));
+                }
+            }
+            return 0;
+        },
+        py::arg("values"), py::arg("which"), py::arg("slot"), py::arg("keys"), py::arg("at"), py::arg("out"),
+        py::arg("rows_per_segment"), R"doc(
+Copy records out of segments read from the cold tier (shoal.ps.tiers.ssd's layout: a segment
+is rows_per_segment float32 records of out.shape[1] words, then their uint64 keys).
+
+For each i: out[at[i]] = record slot[i] of segment values[which[i]], whose stored key must be
+keys[i]. Returns 0 when done; 1 (nothing written) when a value is not bytes of a segment's
+size (None: a missing segment); 2 (nothing written) when a stored key differs. Raises
+ValueError for indices out of range. Releases the GIL while copying.
+)doc");
+
+    m.def(
         "merge_rows",
         [](const py::object& keys_obj, const py::object& rows_obj) {
             auto keys = keys_arg(keys_obj);

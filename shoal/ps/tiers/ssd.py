@@ -69,7 +69,7 @@ from collections.abc import Iterator
 import numpy as np
 import rocksdict
 
-from shoal.ps._keymap import KeyMap, unique_inverse
+from shoal.ps._keymap import KeyMap, segment_slots, unique_inverse
 from shoal.ps.errors import TableError
 from shoal.ps.tiers._base import StorageTier, register_tier
 
@@ -314,26 +314,26 @@ class SsdTier(StorageTier):
         if len(at):
             pos = self._where[rows[at]]
             segs, inv = _segments_of(pos)
-            slot = pos % SEGMENT_ROWS
-            records, stored = self._read(segs)
-            if not np.array_equal(stored[inv, slot], keys[at]):
+            values = list(map(self._cf.get, _ids(segs)))
+            # the records straight from the segments' bytes into out (no joined copy, no gathers)
+            status = segment_slots(values, inv, (pos % SEGMENT_ROWS).astype(np.int64), keys[at],
+                                   at, out, SEGMENT_ROWS)
+            if status == 1:
+                self._words_of(values, "lacks segments its index places rows in")  # raises
+            if status != 0:
                 raise TableError(f"RocksDB column family {self.family!r} at {self._db.path!r} "
                                  f"holds other keys where its index places rows: the cold tier "
                                  f"is damaged; restart the server from the last checkpoint")
-            out[at] = records[inv, slot]
             grouped = segs, np.bincount(inv, minlength=len(segs))
         return out, grouped
 
     def take(self, keys):
         self._compact()
-        rows = self._index.erase(keys)  # one pass over the index; undone if the read fails
+        rows = self._index.lookup(keys)
         found = rows >= 0
-        try:
-            out, grouped = self._records_at(keys, found, rows)
-            self._forget(self._where[rows[found]], grouped, defer=True)
-        except BaseException:
-            self._index.insert_with_rows(keys[found], rows[found])
-            raise
+        out, grouped = self._records_at(keys, found, rows)  # a failed read has changed nothing
+        self._index.erase(keys[found])
+        self._forget(self._where[rows[found]], grouped, defer=True)
         return found, out
 
     def delete(self, keys):

@@ -372,3 +372,35 @@ def test_reserve_and_capacity():
     assert len(m) == m.row_bound == m.free_rows == 0 and m.capacity == cap
     assert m.get_or_insert(u64([42]))[0].tolist() == [0]
 
+
+
+def test_segment_slots_copies_records_and_refuses_damaged_segments():
+    from shoal.ps._keymap import segment_slots
+    rows, width = 4, 3
+    recs = np.arange(2 * rows * width, dtype=np.float32).reshape(2, rows, width)
+    keys = np.array([[10, 11, 12, 13], [20, 21, 22, 23]], np.uint64)
+    values = [recs[i].tobytes() + keys[i].tobytes() for i in range(2)]
+    which, slot = np.array([1, 0, 1], np.int64), np.array([2, 3, 0], np.int64)
+    at = np.array([4, 0, 2], np.int64)
+    out = np.zeros((5, width), np.float32)
+    assert segment_slots(values, which, slot, u64([22, 13, 20]), at, out, rows) == 0
+    want = np.zeros((5, width), np.float32)
+    want[[4, 0, 2]] = recs[which, slot]
+    np.testing.assert_array_equal(out, want)
+
+    out[:] = -1.0  # a refused call writes nothing
+    assert segment_slots(values, which, slot, u64([22, 13, 21]), at, out, rows) == 2  # other key
+    assert segment_slots([values[0], None], which, slot, u64([22, 13, 20]), at, out, rows) == 1
+    assert segment_slots([values[0], values[1][:-8]], which, slot, u64([22, 13, 20]), at, out,
+                         rows) == 1
+    assert (out == -1.0).all()
+    with pytest.raises(ValueError, match="out of range"):
+        segment_slots(values, np.array([2], np.int64), slot[:1], u64([22]), at[:1], out, rows)
+    with pytest.raises(ValueError, match="out of range"):
+        segment_slots(values, which[:1], slot[:1], u64([22]), np.array([5], np.int64), out, rows)
+    with pytest.raises(ValueError, match="one entry each"):
+        segment_slots(values, which, slot[:2], u64([22, 13, 20]), at, out, rows)
+    with pytest.raises(TypeError, match="C-contiguous float32"):
+        segment_slots(values, which, slot, u64([22, 13, 20]), at, out[:, :2], rows)
+    with pytest.raises(TypeError, match="C-contiguous float32"):
+        segment_slots(values, which, slot, u64([22, 13, 20]), at, out.astype(np.float64), rows)

@@ -8,11 +8,14 @@ the coldest rows (largest unseen_days, then lowest show/click score; or,
 with eviction 'lfu', fewest shows, then largest unseen_days; ties in any
 order) go to the tier in one batch, down to 60% of the budget, and leave
 the arena and the key map; the rows the operation itself touched go last.
-Finding the coldest rows is a scan of the arena (a partition, not a sort),
-so it happens once per 40% of the budget of new rows, not on every call:
-on the Zipf stream of bench/tiered.py with eviction 'lfu', 60% gave
-0.44-0.45x the all-RAM speed against 0.41-0.42x for 80% and 0.40-0.41x for
-50% (fewer scans against a smaller hot set on average).
+Finding the coldest rows is a scan of the arena (a partition, not a sort,
+over column views of every row below row_bound, free rows masked out), so
+it happens once per 40% of the budget of new rows, not on every call: on
+the Zipf stream of bench/tiered.py with eviction 'lfu', 60% gave 0.44-0.45x
+the all-RAM speed against 0.41-0.42x for 80% and 0.40-0.41x for 50% (fewer
+scans against a smaller hot set on average); once the scan and the tier got
+cheaper, 60%, 75% and 85% measured the same within the noise (a spill to
+97% cuts the cold reads by only a fifth: most are tail keys coming back).
 A training pull, a push or a GEO delta of a cold key brings it back in the
 same vectorized call; a read-only pull reads it where it is. A cold record
 is the row's float32 record followed by its embedx flag, so unseen days,

@@ -29,8 +29,9 @@ Dead slots: a slot dies when its key is promoted, deleted or written again
 (a rewrite goes to a new segment). A segment left with no live slot by a
 put is overwritten or deleted in that put's own write batch; one left so by
 a delete is deleted in the delete's; one left so by a promotion is stale
-until the next put or delete, which overwrites or deletes it the same way (a
-promotion writes nothing). When the dead slots
+until a later put or delete that writes overwrites or deletes it the same
+way (a promotion writes nothing; so are the ids a failed put of several
+batches wrote under). When the dead slots
 of the partly live segments outnumber the live rows (or _GC_FLOOR, whichever
 is more), the sparsest segments are rewritten: their live rows go into new
 segments, so after a put or a delete the disk holds at most about twice the
@@ -39,8 +40,11 @@ live records.
 Whole-tier passes (shrink, day_tick, export) iterate the family from an
 implicit snapshot and keep a slot only if the index still places its key
 there, so the caller may put or delete the keys already yielded while it
-iterates (a key rewritten before it was yielded would be missed: it moved
-out of the snapshot). A batch holds up to max(size, SEGMENT_ROWS) rows.
+iterates, and nothing else (a key rewritten before it was yielded would be
+missed: it moved out of the snapshot). The snapshot's stale segments are
+skipped: a put reusing one's id could put a yielded key back in its old
+slot, and its old copy there would pass for live. A batch holds up to
+max(size, SEGMENT_ROWS) rows.
 
 Durability: the WAL is on, so a write batch that returned survives a kill
 of the server and the database opens cleanly again; one call's writes are
@@ -210,7 +214,7 @@ class SsdTier(StorageTier):
         self._where = np.zeros(0, np.uint32)       # index row -> segment * SEGMENT_ROWS + slot
         self._live = np.zeros(0, np.uint8)         # segment id -> live slots (0: free or unused)
         self._free = np.zeros(0, np.int64)         # ids below len(_live) with no value in RocksDB
-        self._stale = np.zeros(0, np.int64)        # ids with no live slot whose value is still there
+        self._stale: list[np.ndarray] = []         # ids with no live slot whose value may be there
         self._dead = 0                             # dead slots of the segments with a live one
         self._iterating = 0                        # open batches(): no compaction meanwhile
         self._compacting = False
@@ -229,12 +233,14 @@ class SsdTier(StorageTier):
         return (words[:, :cut].reshape(-1, SEGMENT_ROWS, self.width),
                 words[:, cut:].view(np.uint64))
 
+    def _damaged(self, what: str) -> TableError:
+        return TableError(f"RocksDB column family {self.family!r} at {self._db.path!r} {what}: "
+                          f"the cold tier is damaged; restart the server from the last checkpoint")
+
     def _words_of(self, values: list, what: str) -> np.ndarray:
         raw = b"" if None in values else b"".join(values)
         if len(raw) != len(values) * 4 * self._words:
-            raise TableError(f"RocksDB column family {self.family!r} at {self._db.path!r} {what}: "
-                             f"the cold tier is damaged; restart the server from the last "
-                             f"checkpoint")
+            raise self._damaged(what)
         return np.frombuffer(raw, np.float32).reshape(len(values), self._words)
 
     def _read(self, segments: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -324,11 +330,10 @@ class SsdTier(StorageTier):
             status = segment_slots(values, inv, (pos % SEGMENT_ROWS).astype(np.int64), keys[at],
                                    at, out, SEGMENT_ROWS)
             if status == 1:
-                self._words_of(values, "lacks segments its index places rows in")  # raises
+                raise self._damaged("lacks segments its index places rows in (or holds segments "
+                                    "of another size)")
             if status != 0:
-                raise TableError(f"RocksDB column family {self.family!r} at {self._db.path!r} "
-                                 f"holds other keys where its index places rows: the cold tier "
-                                 f"is damaged; restart the server from the last checkpoint")
+                raise self._damaged("holds other keys where its index places rows")
             grouped = segs, np.bincount(inv, minlength=len(segs))
         return out, grouped
 
@@ -359,15 +364,28 @@ class SsdTier(StorageTier):
         if len(positions) == 0:
             return
         segs, left = self._kill(positions, grouped)
-        emptied = np.concatenate([self._stale, segs[left == 0]])
-        if not defer:
-            self._write(emptied, None, emptied)
-        self._apply_kill(segs, left)
         if defer:
-            self._stale = emptied
-        else:
-            self._free = np.concatenate([self._free, emptied])
-            self._stale = self._stale[:0]
+            self._apply_kill(segs, left)
+            self._stale.append(segs[left == 0])
+            return
+        emptied = np.concatenate([self._stale_ids(), segs[left == 0]])
+        self._write(emptied, None, emptied)
+        self._apply_kill(segs, left)
+        self._free = np.concatenate([self._free, emptied])
+        self._stale = []
+
+    def _stale_ids(self) -> np.ndarray:
+        if len(self._stale) != 1:  # appended to per promotion, joined when used
+            self._stale = [np.concatenate(self._stale)] if self._stale else [np.zeros(0, np.int64)]
+        return self._stale[0]
+
+    def _cover(self, top: int) -> None:
+        """Let the segment table reach id `top` - 1, with room to grow into on the free list (ids
+        from `top` on; never past the cap)."""
+        if top > len(self._live):
+            size = min(max(top, 2 * len(self._live)), _MAX_SEGMENTS)
+            self._live = np.concatenate([self._live, np.zeros(size - len(self._live), np.uint8)])
+            self._free = np.concatenate([self._free, np.arange(top, size)])
 
     def put(self, keys, records):
         self._compact()
@@ -375,12 +393,13 @@ class SsdTier(StorageTier):
         if n == 0:
             return
         rows, is_new = self._index.get_or_insert(keys)  # undone below if the write fails
+        ids = None
         try:
             if self._index.row_bound > len(self._where):
                 self._where = np.concatenate([self._where, np.zeros(
                     max(self._index.row_bound, 2 * len(self._where)) - len(self._where), np.uint32)])
             segs, left = self._kill(self._where[rows[~is_new]])
-            emptied = np.concatenate([segs[left == 0], self._stale])
+            emptied = np.concatenate([segs[left == 0], self._stale_ids()])
             m = -(-n // SEGMENT_ROWS)
             # emptied ids are overwritten only by a put of one (atomic) batch: a put in several
             # could fail after overwriting segments the restored index still points into
@@ -390,18 +409,21 @@ class SsdTier(StorageTier):
             self._write(ids, self._segment_words(keys, records, m), deletes)
         except BaseException:
             self._index.erase(keys[is_new])
+            if ids is not None and m > _CHUNK:
+                # its first batches may have landed: their ids hold values no key is in, stale
+                # (never free) until a later put or delete overwrites or deletes them
+                if taken:
+                    self._free = self._free[:len(self._free) - taken]
+                self._cover(int(ids.max()) + 1)
+                self._stale.append(ids)
             raise
         # written: the segment table and the positions
         self._apply_kill(segs, left)
-        self._stale = self._stale[:0]
+        self._stale = []
         if taken:
             self._free = self._free[:len(self._free) - taken]
         self._free = np.concatenate([self._free, deletes])
-        top = int(ids.max()) + 1
-        if top > len(self._live):  # room to grow into, on the free list (never past the cap)
-            size = min(max(top, 2 * len(self._live)), _MAX_SEGMENTS)
-            self._live = np.concatenate([self._live, np.zeros(size - len(self._live), np.uint8)])
-            self._free = np.concatenate([self._free, np.arange(top, size)])
+        self._cover(int(ids.max()) + 1)
         counts = np.full(m, SEGMENT_ROWS, np.uint8)
         counts[-1] = n - (m - 1) * SEGMENT_ROWS
         self._live[ids] = counts
@@ -449,6 +471,12 @@ class SsdTier(StorageTier):
 
     def batches(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         per = max(1, size // SEGMENT_ROWS)
+        # a stale segment is in the snapshot with old copies of keys in its dead slots; a put
+        # reusing its id may place a yielded key in its old slot again, and the old copy would
+        # then pass for live: the snapshot's stale segments are skipped (ids past the table
+        # too: only a failed put can have written there, and it made its ids stale)
+        skip = np.zeros(len(self._live), bool)
+        skip[self._stale_ids()] = True
         self._iterating += 1
         items = self._cf.items(read_opt=_total_order())  # reads from an implicit snapshot
         try:
@@ -460,7 +488,9 @@ class SsdTier(StorageTier):
                 pos = (segs[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()
                 keys = stored.ravel()
                 rows = self._index.lookup(keys)
-                live = rows >= 0
+                held = np.repeat(segs < len(skip), SEGMENT_ROWS)
+                held[held] = ~skip[pos[held] // SEGMENT_ROWS]
+                live = (rows >= 0) & held
                 live[live] = self._where[rows[live]] == pos[live]  # the index still places it here
                 if live.any():
                     yield keys[live], records.reshape(-1, self.width)[live]
@@ -473,7 +503,7 @@ class SsdTier(StorageTier):
 
     def ram_bytes(self) -> int:
         return (16 * self._index.capacity + self._where.nbytes + self._live.nbytes +
-                self._free.nbytes + self._stale.nbytes)
+                self._free.nbytes + sum(a.nbytes for a in self._stale))
 
     def close(self) -> None:
         if self._db is not None:

@@ -473,8 +473,8 @@ class SsdTier(StorageTier):
         per = max(1, size // SEGMENT_ROWS)
         # a stale segment is in the snapshot with old copies of keys in its dead slots; a put
         # reusing its id may place a yielded key in its old slot again, and the old copy would
-        # then pass for live: the snapshot's stale segments are skipped (ids past the table
-        # too: only a failed put can have written there, and it made its ids stale)
+        # then pass for live: the snapshot's stale segments are skipped (and any id past the
+        # table: no key is placed there)
         skip = np.zeros(len(self._live), bool)
         skip[self._stale_ids()] = True
         self._iterating += 1
@@ -488,9 +488,9 @@ class SsdTier(StorageTier):
                 pos = (segs[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()
                 keys = stored.ravel()
                 rows = self._index.lookup(keys)
-                held = np.repeat(segs < len(skip), SEGMENT_ROWS)
-                held[held] = ~skip[pos[held] // SEGMENT_ROWS]
-                live = (rows >= 0) & held
+                keep = segs < len(skip)
+                keep[keep] = ~skip[segs[keep]]
+                live = (rows >= 0) & np.repeat(keep, SEGMENT_ROWS)
                 live[live] = self._where[rows[live]] == pos[live]  # the index still places it here
                 if live.any():
                     yield keys[live], records.reshape(-1, self.width)[live]

@@ -15,7 +15,7 @@ and a spill writes thousands of records at once. One record per RocksDB key
 took ~9.3k writes and deletes per batch, 0.32x the all-RAM speed; eight per
 value take ~0.9k writes, and a promotion writes nothing: it updates the
 index, leaving a dead slot, and copies the records straight out of the
-segments' bytes (0.54x with eviction 'lfu'). What it costs: RAM per cold key,
+segments' bytes (0.53-0.54x with eviction 'lfu'). What it costs: RAM per cold key,
 the map's 16-byte slots at 35-70% load plus a 4-byte position, ~33 bytes per
 cold key measured (reported by `ram_bytes`, outside the table's
 memory_budget_mb like RocksDB's own memory); a read fetches a whole segment

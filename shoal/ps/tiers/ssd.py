@@ -446,6 +446,15 @@ class SsdTier(StorageTier):
             stored[full, :tail] = keys[full * SEGMENT_ROWS:]
         return words
 
+    def _placed(self, segs: np.ndarray, keys: np.ndarray) -> np.ndarray:
+        """bool per slot of the whole segments `segs` (their stored `keys`, slot order): the
+        index still places that key in that slot."""
+        pos = (segs[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()
+        rows = self._index.lookup(keys)
+        live = rows >= 0
+        live[live] = self._where[rows[live]] == pos[live]
+        return live
+
     def _compact(self) -> None:
         """Rewrite the sparsest segments when dead slots outnumber the live rows (and the floor),
         down to half as many dead slots as live rows. Runs at the START of a put, take or delete,
@@ -458,11 +467,8 @@ class SsdTier(StorageTier):
         gain = np.cumsum(SEGMENT_ROWS - self._live[partly].astype(np.int64))
         picked = partly[:int(np.searchsorted(gain, self._dead - len(self) // 2)) + 1]
         records, stored = self._read(picked)
-        pos = (picked[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()
         keys = stored.ravel()
-        rows = self._index.lookup(keys)
-        live = rows >= 0
-        live[live] = self._where[rows[live]] == pos[live]
+        live = self._placed(picked, keys)
         self._compacting = True
         try:
             self.put(keys[live], records.reshape(-1, self.width)[live])
@@ -485,13 +491,10 @@ class SsdTier(StorageTier):
                 records, stored = self._split(self._words_of(list(values), "holds segments of "
                                                              "another size than its table's rows"))
                 segs = np.frombuffer(b"".join(ids), _BE).astype(np.int64)
-                pos = (segs[:, None] * SEGMENT_ROWS + np.arange(SEGMENT_ROWS)).ravel()
                 keys = stored.ravel()
-                rows = self._index.lookup(keys)
                 keep = segs < len(skip)
                 keep[keep] = ~skip[segs[keep]]
-                live = (rows >= 0) & np.repeat(keep, SEGMENT_ROWS)
-                live[live] = self._where[rows[live]] == pos[live]  # the index still places it here
+                live = self._placed(segs, keys) & np.repeat(keep, SEGMENT_ROWS)
                 if live.any():
                     yield keys[live], records.reshape(-1, self.width)[live]
         finally:
